@@ -1,0 +1,405 @@
+package hierarchy_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/kubekms/kubekms/hierarchy"
+	"github.com/kubekms/kubekms/keyservice"
+	"github.com/kubekms/kubekms/keyservice/keyservicetest"
+	"github.com/kubekms/kubekms/keyservice/softkey"
+)
+
+// clock is a settable test clock.
+type clock struct{ ns atomic.Int64 }
+
+func newClock() *clock {
+	c := &clock{}
+	c.ns.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	return c
+}
+func (c *clock) Now() time.Time      { return time.Unix(0, c.ns.Load()) }
+func (c *clock) Add(d time.Duration) { c.ns.Add(int64(d)) }
+
+type fixture struct {
+	path  string
+	svc   *keyservicetest.Counting
+	clock *clock
+	state hierarchy.FileState
+}
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "keyring.json")
+	svc, err := softkey.Open(context.Background(), "softkey://"+path, keyservice.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fixture{path: path, svc: keyservicetest.NewCounting(svc), clock: newClock(),
+		state: hierarchy.FileState{Path: filepath.Join(dir, "state.json")}}
+}
+
+func (f *fixture) config() hierarchy.Config {
+	return hierarchy.Config{Now: f.clock.Now, ProbeInterval: time.Hour, RevocationBound: time.Hour, OutageGrace: 2 * time.Hour}
+}
+
+func (f *fixture) open(t *testing.T, cfg hierarchy.Config) *hierarchy.Hierarchy {
+	t.Helper()
+	h, err := hierarchy.New(context.Background(), f.svc, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close)
+	return h
+}
+
+var seed = bytes.Repeat([]byte{0x42}, 32)
+
+func encrypt(t *testing.T, h *hierarchy.Hierarchy) hierarchy.Sealed {
+	t.Helper()
+	s, err := h.Encrypt(context.Background(), seed)
+	if err != nil {
+		t.Fatalf("Encrypt: %v", err)
+	}
+	return s
+}
+
+func decrypt(t *testing.T, h *hierarchy.Hierarchy, s hierarchy.Sealed) {
+	t.Helper()
+	got, err := h.Decrypt(context.Background(), s.KeyID, s.Ciphertext, s.Annotations)
+	if err != nil {
+		t.Fatalf("Decrypt: %v", err)
+	}
+	if !bytes.Equal(got, seed) {
+		t.Fatal("Decrypt returned other bytes")
+	}
+}
+
+func TestRoundTripAndNoRemoteCallPerOperation(t *testing.T) {
+	f := newFixture(t)
+	h := f.open(t, f.config())
+	if f.svc.Calls("wrap") != 1 {
+		t.Fatalf("start-up made %d wraps, want 1 (first local KEK at start-up)", f.svc.Calls("wrap"))
+	}
+	for range 1000 {
+		decrypt(t, h, encrypt(t, h))
+	}
+	if got := f.svc.Crypto(); got != 1 {
+		t.Fatalf("1000 round trips made %d remote crypto calls, want 1", got)
+	}
+	s := encrypt(t, h)
+	if len(s.Ciphertext) != hierarchy.SealOverhead+len(seed) || s.Ciphertext[0] != 1 {
+		t.Fatalf("ciphertext layout: %d bytes, version %d", len(s.Ciphertext), s.Ciphertext[0])
+	}
+	if bytes.Contains(s.Ciphertext, seed) {
+		t.Fatal("ciphertext contains the plaintext")
+	}
+}
+
+func TestTamperingIsRefused(t *testing.T) {
+	f := newFixture(t)
+	h := f.open(t, f.config())
+	s := encrypt(t, h)
+	other := encrypt(t, f.open(t, f.config())) // another local KEK, same remote key
+	flip := func(b []byte, i int) []byte { b = bytes.Clone(b); b[i] ^= 1; return b }
+	ann := s.Annotations[hierarchy.AnnotationKey]
+	cases := map[string]struct {
+		keyID string
+		ct    []byte
+		ann   map[string][]byte
+	}{
+		"ciphertext bit":       {s.KeyID, flip(s.Ciphertext, len(s.Ciphertext)-1), s.Annotations},
+		"nonce bit":            {s.KeyID, flip(s.Ciphertext, 2), s.Annotations},
+		"unknown version":      {s.KeyID, flip(s.Ciphertext, 0), s.Annotations},
+		"empty ciphertext":     {s.KeyID, nil, s.Annotations},
+		"oversized ciphertext": {s.KeyID, append(bytes.Clone(s.Ciphertext), make([]byte, 1024)...), s.Annotations},
+		"truncated ciphertext": {s.KeyID, s.Ciphertext[:10], s.Annotations},
+		"missing annotation":   {s.KeyID, s.Ciphertext, nil},
+		"annotation created":   {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: flip(ann, 5)}},
+		"annotation wrapped":   {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: flip(ann, len(ann)-1)}},
+		"annotation version":   {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: flip(ann, 0)}},
+		"swapped annotation":   {s.KeyID, s.Ciphertext, other.Annotations},
+		"key_id changed":       {s.KeyID + "x", s.Ciphertext, s.Annotations},
+		"empty key_id":         {"", s.Ciphertext, s.Annotations},
+		"empty annotation":     {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: {}}},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			got, err := h.Decrypt(context.Background(), tc.keyID, tc.ct, tc.ann)
+			if err == nil {
+				t.Fatalf("Decrypt accepted it (%d bytes)", len(got))
+			}
+			if !errors.Is(err, hierarchy.ErrBadRequest) && keyservice.Classify(err) != keyservice.ClassInvalid {
+				t.Fatalf("error %v is neither a bad request nor invalid input", err)
+			}
+			if bytes.Contains([]byte(err.Error()), seed) {
+				t.Fatal("error contains the plaintext")
+			}
+		})
+	}
+	for name, p := range map[string][]byte{"empty": nil, "oversized": make([]byte, hierarchy.MaxPlaintext+1)} {
+		if _, err := h.Encrypt(context.Background(), p); !errors.Is(err, hierarchy.ErrBadRequest) {
+			t.Errorf("Encrypt %s plaintext: %v, want a bad request", name, err)
+		}
+	}
+	if _, err := h.Encrypt(context.Background(), make([]byte, hierarchy.MaxPlaintext)); err != nil {
+		t.Errorf("Encrypt of the largest plaintext: %v", err)
+	}
+}
+
+func TestRotationLimits(t *testing.T) {
+	f := newFixture(t)
+	cfg := f.config()
+	cfg.MaxUses = 5
+	cfg.MaxAge = 24 * time.Hour
+	h := f.open(t, cfg)
+	first := encrypt(t, h)
+	for range 4 {
+		if s := encrypt(t, h); !bytes.Equal(s.Annotations[hierarchy.AnnotationKey], first.Annotations[hierarchy.AnnotationKey]) {
+			t.Fatal("new local KEK before MaxUses")
+		}
+	}
+	afterUses := encrypt(t, h)
+	if bytes.Equal(afterUses.Annotations[hierarchy.AnnotationKey], first.Annotations[hierarchy.AnnotationKey]) {
+		t.Fatal("no new local KEK after MaxUses")
+	}
+	f.clock.Add(25 * time.Hour)
+	afterAge := encrypt(t, h)
+	if bytes.Equal(afterAge.Annotations[hierarchy.AnnotationKey], afterUses.Annotations[hierarchy.AnnotationKey]) {
+		t.Fatal("no new local KEK after MaxAge")
+	}
+	for _, s := range []hierarchy.Sealed{first, afterUses, afterAge} {
+		decrypt(t, h, s)
+	}
+}
+
+func TestRemoteRotationChangesKeyID(t *testing.T) {
+	f := newFixture(t)
+	h := f.open(t, f.config())
+	before := h.Status(context.Background())
+	old := encrypt(t, h)
+	if !before.OK || before.KeyID != old.KeyID {
+		t.Fatalf("status %+v, encrypt key ID %q", before, old.KeyID)
+	}
+	if _, err := softkey.Rotate(f.path); err != nil {
+		t.Fatal(err)
+	}
+	probes := f.svc.Calls("probe")
+	if st := h.Status(context.Background()); st.KeyID != before.KeyID || f.svc.Calls("probe") != probes {
+		t.Fatalf("Status probed again within ProbeInterval (key ID %q)", st.KeyID)
+	}
+	f.clock.Add(time.Hour)
+	after := h.Status(context.Background())
+	if !after.OK || after.KeyID == before.KeyID {
+		t.Fatalf("after rotation: %+v", after)
+	}
+	s := encrypt(t, h)
+	if s.KeyID != after.KeyID {
+		t.Fatalf("Encrypt after rotation used %q, Status says %q", s.KeyID, after.KeyID)
+	}
+	decrypt(t, h, old)
+	decrypt(t, h, s)
+}
+
+func TestOutageGrace(t *testing.T) {
+	f := newFixture(t)
+	h := f.open(t, f.config())
+	s := encrypt(t, h)
+	if err := os.Rename(f.path, f.path+".away"); err != nil {
+		t.Fatal(err)
+	}
+	f.clock.Add(time.Hour) // stale probe: Status probes and fails
+	st := h.Status(context.Background())
+	if !st.OK || st.Reason == "" {
+		t.Fatalf("within grace: %+v, want ok with a note", st)
+	}
+	decrypt(t, h, s)             // cached KEK
+	decrypt(t, h, encrypt(t, h)) // current KEK
+	f.clock.Add(90 * time.Minute)
+	st = h.Status(context.Background())
+	if st.OK {
+		t.Fatalf("after grace: %+v, want not ok", st)
+	}
+	if err := os.Rename(f.path+".away", f.path); err != nil {
+		t.Fatal(err)
+	}
+	f.clock.Add(time.Hour)
+	if st := h.Status(context.Background()); !st.OK || st.Reason != "" {
+		t.Fatalf("after recovery: %+v", st)
+	}
+}
+
+func TestRevocationShredsCache(t *testing.T) {
+	f := newFixture(t)
+	h := f.open(t, f.config())
+	s := encrypt(t, h)
+	setDisabled(t, f.path, true)
+	f.clock.Add(time.Hour)
+	if st := h.Status(context.Background()); st.OK {
+		t.Fatalf("revoked key: %+v, want not ok", st)
+	}
+	if _, err := h.Decrypt(context.Background(), s.KeyID, s.Ciphertext, s.Annotations); keyservice.Classify(err) != keyservice.ClassRevoked {
+		t.Fatalf("Decrypt with a revoked key: %v, want revoked (cached KEK must be dropped)", err)
+	}
+	if _, err := h.Encrypt(context.Background(), seed); keyservice.Classify(err) != keyservice.ClassRevoked {
+		t.Fatalf("Encrypt with a revoked key: %v, want revoked", err)
+	}
+	setDisabled(t, f.path, false)
+	f.clock.Add(time.Hour)
+	if st := h.Status(context.Background()); !st.OK {
+		t.Fatalf("re-enabled: %+v", st)
+	}
+	decrypt(t, h, s)
+	decrypt(t, h, encrypt(t, h))
+}
+
+// TestRevocationWithinBound uses the real clock: the background loop must drop
+// cached KEKs within RevocationBound without any Status call.
+func TestRevocationWithinBound(t *testing.T) {
+	f := newFixture(t)
+	h := f.open(t, hierarchy.Config{ProbeInterval: time.Hour, RevocationBound: 50 * time.Millisecond})
+	s := encrypt(t, h)
+	setDisabled(t, f.path, true)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		_, err := h.Decrypt(context.Background(), s.KeyID, s.Ciphertext, s.Annotations)
+		if keyservice.Classify(err) == keyservice.ClassRevoked {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("cached KEK still decrypts 5 s after revocation (err %v)", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func setDisabled(t *testing.T, path string, disabled bool) {
+	t.Helper()
+	ring, err := softkey.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range ring.Versions {
+		if _, err := softkey.SetDisabled(path, v.Version, disabled); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestTransientErrorsAreRetried(t *testing.T) {
+	f := newFixture(t)
+	h := f.open(t, f.config())
+	f.clock.Add(time.Hour)
+	f.svc.FailNext(2, keyservice.Transient("probe", errors.New("connection refused")))
+	if st := h.Status(context.Background()); !st.OK || st.Reason != "" {
+		t.Fatalf("after two transient failures: %+v, want ok (retried)", st)
+	}
+	s := encrypt(t, h)
+	h2 := f.open(t, f.config())
+	f.svc.FailNext(1, keyservice.Invalid("unwrap", errors.New("bad")))
+	before := f.svc.Calls("unwrap")
+	if _, err := h2.Decrypt(context.Background(), s.KeyID, s.Ciphertext, s.Annotations); err == nil {
+		t.Fatal("an invalid-input error was hidden")
+	}
+	if n := f.svc.Calls("unwrap") - before; n != 1 {
+		t.Fatalf("invalid-input error was tried %d times, want 1 (not retried)", n)
+	}
+}
+
+func TestStateRestoresLocalKEK(t *testing.T) {
+	f := newFixture(t)
+	cfg := f.config()
+	cfg.State = f.state
+	h1 := f.open(t, cfg)
+	s := encrypt(t, h1)
+	h1.Close()
+	h2 := f.open(t, cfg)
+	if f.svc.Calls("wrap") != 1 || f.svc.Calls("unwrap") != 1 {
+		t.Fatalf("restart made %d wraps and %d unwraps, want 1 and 1", f.svc.Calls("wrap"), f.svc.Calls("unwrap"))
+	}
+	s2 := encrypt(t, h2)
+	if !bytes.Equal(s.Annotations[hierarchy.AnnotationKey], s2.Annotations[hierarchy.AnnotationKey]) {
+		t.Fatal("restored hierarchy uses another local KEK")
+	}
+	decrypt(t, h2, s)
+	if f.svc.Crypto() != 2 {
+		t.Fatalf("%d remote crypto calls, want 2", f.svc.Crypto())
+	}
+	// An edited state file is refused: a new KEK is made instead.
+	st, err := f.state.Load(context.Background())
+	if err != nil || st == nil {
+		t.Fatalf("state: %v", err)
+	}
+	st.UsesReserved = 0
+	if err := f.state.Save(context.Background(), *st); err != nil {
+		t.Fatal(err)
+	}
+	h3 := f.open(t, cfg)
+	if s3 := encrypt(t, h3); bytes.Equal(s3.Annotations[hierarchy.AnnotationKey], s.Annotations[hierarchy.AnnotationKey]) {
+		t.Fatal("a tampered state file was trusted")
+	}
+	// After a remote rotation the saved KEK is not reused for new seals.
+	if _, err := softkey.Rotate(f.path); err != nil {
+		t.Fatal(err)
+	}
+	h4 := f.open(t, cfg)
+	if s4 := encrypt(t, h4); s4.KeyID == s.KeyID {
+		t.Fatal("restored a local KEK of an old remote key")
+	}
+}
+
+func TestConcurrentUse(t *testing.T) {
+	f := newFixture(t)
+	cfg := f.config()
+	cfg.MaxUses = 50
+	h := f.open(t, cfg)
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 200 {
+				s, err := h.Encrypt(context.Background(), seed)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if _, err := h.Decrypt(context.Background(), s.KeyID, s.Ciphertext, s.Annotations); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+func TestStartsWhileKeyServiceIsDown(t *testing.T) {
+	f := newFixture(t)
+	if err := os.Rename(f.path, f.path+".away"); err != nil {
+		t.Fatal(err)
+	}
+	h := f.open(t, f.config())
+	if st := h.Status(context.Background()); st.OK {
+		t.Fatalf("not ready: %+v", st)
+	}
+	if _, err := h.Encrypt(context.Background(), seed); err == nil {
+		t.Fatal("Encrypt without a local KEK succeeded")
+	}
+	if err := os.Rename(f.path+".away", f.path); err != nil {
+		t.Fatal(err)
+	}
+	f.clock.Add(time.Hour)
+	if st := h.Status(context.Background()); !st.OK {
+		t.Fatalf("after the key service came back: %+v", st)
+	}
+	decrypt(t, h, encrypt(t, h))
+}

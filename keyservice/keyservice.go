@@ -1,0 +1,56 @@
+// Package keyservice defines the small interface every remote key service
+// (the holder of the key-encrypting key) implements, the classification of its
+// errors, and a registry that opens a backend from a key URI.
+//
+// A backend only wraps and unwraps 32-byte local KEKs: the hierarchy package
+// calls it once per local KEK, never once per object.
+package keyservice
+
+import (
+	"context"
+	"log/slog"
+)
+
+// Service is one remote key-encrypting key.
+//
+// Implementations must be safe for concurrent use and must never put key
+// material (plaintext KEKs, PINs, tokens) into errors or logs.
+type Service interface {
+	// Wrap encrypts a local KEK under the remote key's current version and
+	// returns the wrapped bytes with the key ID of the version that did it.
+	Wrap(ctx context.Context, plaintext []byte) (WrapResult, error)
+	// Unwrap decrypts a wrapped local KEK. keyID is the one Wrap returned.
+	Unwrap(ctx context.Context, keyID string, wrapped []byte) ([]byte, error)
+	// Probe checks that the key is usable with the cheapest call the service
+	// offers (a key read or lookup, never a paid encrypt) and returns the
+	// current key ID. The key ID must change when the remote key version
+	// changes and must never repeat for a different key.
+	Probe(ctx context.Context) (keyID string, err error)
+	// Close releases connections and sessions.
+	Close() error
+}
+
+// WrapResult is what Wrap returns.
+type WrapResult struct {
+	Wrapped []byte
+	KeyID   string
+}
+
+// Options are passed to every backend when it is opened.
+type Options struct {
+	Logger *slog.Logger
+	// ClusterName binds wrapped keys to one cluster where the service
+	// supports it (AWS KMS encryption context).
+	ClusterName string
+	// KeyIDSuffix is appended to the key ID by backends whose key versions
+	// are invisible (AWS KMS), so an operator can force a new key ID.
+	KeyIDSuffix string
+}
+
+// LoggerOrDiscard returns o.Logger or a logger that discards.
+func (o Options) LoggerOrDiscard() *slog.Logger {
+	if o.Logger != nil {
+		return o.Logger
+	}
+	return slog.New(slog.DiscardHandler)
+}
