@@ -15,6 +15,7 @@ import (
 	"crypto/cipher"
 	"crypto/rand"
 
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -659,4 +660,25 @@ func short(err error) string {
 		s = s[:200] + "..."
 	}
 	return s
+}
+
+// SelfTest seals and opens a random value with the current local KEK (no
+// remote call when the KEK is current): it answers "can the plugin encrypt
+// right now".
+func (h *Hierarchy) SelfTest(ctx context.Context) error {
+	if h.current.Load() == nil {
+		return errors.New("no local KEK yet")
+	}
+	probe := make([]byte, 32)
+	if _, err := rand.Read(probe); err != nil {
+		return err
+	}
+	s, err := h.Encrypt(ctx, probe)
+	if err != nil {
+		return fmt.Errorf("seal: %w", err)
+	}
+	if _, err := h.Decrypt(ctx, s.KeyID, s.Ciphertext, s.Annotations); err != nil {
+		return fmt.Errorf("open: %w", err)
+	}
+	return nil
 }

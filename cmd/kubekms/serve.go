@@ -1,0 +1,175 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+
+	"github.com/kubekms/kubekms/hierarchy"
+	"github.com/kubekms/kubekms/internal/metrics"
+	"github.com/kubekms/kubekms/keyservice"
+	"github.com/kubekms/kubekms/plugin"
+)
+
+type serveFlags struct {
+	listen, socketMode, socketGroup string
+	allowInsecureDir                bool
+	keyURI, stateFile, clusterName  string
+	keyIDSuffix                     string
+	hier                            hierarchy.Config
+	metricsAddr                     string
+	logFormat, logLevel             string
+	shutdownGrace                   time.Duration
+	noState                         bool
+}
+
+func newServeCmd() *cobra.Command {
+	var f serveFlags
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the KMS v2 (and v1beta1) plugin on a unix socket",
+		Long: `Run the KMS plugin. Seeds from the apiserver are sealed with a local KEK (AES-256-GCM);
+the key service named by --key-uri wraps only the local KEK. The default key service is an
+embedded keyring file (softkey), created on first use.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return runServe(cmd.Context(), cmd, f) },
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.listen, "listen", defaultListen(), "unix socket to serve on: unix:///path.sock or unix:///@abstract")
+	fl.StringVar(&f.socketMode, "socket-mode", "0600", "mode of the socket file (octal)")
+	fl.StringVar(&f.socketGroup, "socket-group", "", "group (name or gid) owning the socket file")
+	fl.BoolVar(&f.allowInsecureDir, "allow-insecure-socket-dir", false, "start even if the socket's folder is writable by other users")
+	fl.StringVar(&f.keyURI, "key-uri", defaultKeyURI(), "remote key service holding the key-encrypting key (softkey:///abs/path.json, ...)")
+	fl.StringVar(&f.stateFile, "state-file", filepath.Join(defaultStateDir(), "local-kek-state.json"),
+		"file keeping the wrapped current local KEK across restarts (saves remote calls)")
+	fl.BoolVar(&f.noState, "no-state", false, "keep no local KEK state across restarts")
+	fl.StringVar(&f.clusterName, "cluster-name", "", "cluster name, bound into wrapped keys where the key service supports it")
+	fl.StringVar(&f.keyIDSuffix, "key-id-suffix", "", "suffix for key IDs of key services with invisible rotation (AWS KMS)")
+	fl.Uint64Var(&f.hier.MaxUses, "max-uses", 1<<21, "seeds sealed by one local KEK before a new one is made")
+	fl.DurationVar(&f.hier.MaxAge, "max-age", 7*24*time.Hour, "age after which a new local KEK is made")
+	fl.IntVar(&f.hier.CacheSize, "cache-size", 1000, "unwrapped local KEKs kept in memory")
+	fl.DurationVar(&f.hier.ProbeInterval, "probe-interval", 30*time.Second, "how often the key service is probed (a cheap key read, never an encrypt)")
+	fl.DurationVar(&f.hier.OutageGrace, "outage-grace", time.Hour, "how long to serve from cache while the key service is unreachable")
+	fl.DurationVar(&f.hier.RevocationBound, "revocation-bound", time.Minute, "longest time to drop local KEKs after the key is revoked")
+	fl.IntVar(&f.hier.MaxConcurrentRemote, "max-concurrent-remote", 16, "concurrent remote key-service calls")
+	fl.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics and /healthz /livez /readyz on this address (e.g. 127.0.0.1:9595); off when empty")
+	fl.StringVar(&f.logFormat, "log-format", "json", "log format: json or text")
+	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fl.DurationVar(&f.shutdownGrace, "shutdown-grace", 10*time.Second, "time for in-flight calls to finish on SIGTERM")
+	return cmd
+}
+
+func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
+	log, err := newLogger(cmd.ErrOrStderr(), f.logFormat, f.logLevel)
+	if err != nil {
+		return err
+	}
+	mode, err := strconv.ParseUint(f.socketMode, 8, 32)
+	if err != nil || mode > 0o777 {
+		return fmt.Errorf("--socket-mode %q: want an octal mode like 0600", f.socketMode)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m := metrics.New(reg)
+
+	svc, err := newRegistry().Open(ctx, f.keyURI, keyservice.Options{Logger: log, ClusterName: f.clusterName, KeyIDSuffix: f.keyIDSuffix})
+	if err != nil {
+		return err
+	}
+	defer svc.Close()
+
+	cfg := f.hier
+	cfg.Logger, cfg.Metrics = log, m
+	if !f.noState && f.stateFile != "" {
+		cfg.State = hierarchy.FileState{Path: f.stateFile}
+	}
+	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	h, err := hierarchy.New(startCtx, svc, cfg)
+	cancel()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+
+	l, err := plugin.Listen(f.listen, plugin.SocketOptions{Mode: os.FileMode(mode), Group: f.socketGroup, AllowInsecureDir: f.allowInsecureDir})
+	if err != nil {
+		return err
+	}
+	srv := plugin.NewGRPCServer(h, plugin.Options{Logger: log, Metrics: m, Version: version})
+
+	if f.metricsAddr != "" {
+		stopHTTP, err := serveHTTP(f.metricsAddr, reg, h, log)
+		if err != nil {
+			l.Close()
+			return err
+		}
+		defer stopHTTP()
+	}
+	st := h.Status(ctx)
+	log.Info("serving", "socket", f.listen, "key_uri", redactURI(f.keyURI), "key_id", st.KeyID, "healthz_ok", st.OK, "reason", st.Reason, "version", version)
+	err = plugin.Serve(ctx, srv, l, f.shutdownGrace)
+	log.Info("stopped", "socket", f.listen)
+	return err
+}
+
+// redactURI drops the query of a key URI (it may name PIN or token sources).
+func redactURI(uri string) string {
+	for i, c := range uri {
+		if c == '?' {
+			return uri[:i] + "?..."
+		}
+	}
+	return uri
+}
+
+// serveHTTP serves metrics and the probe endpoints: /livez (the process
+// runs), /readyz (a local seal and open succeed: the plugin can encrypt now)
+// and /healthz (the same answer as the gRPC Status).
+func serveHTTP(addr string, reg *prometheus.Registry, h *hierarchy.Hierarchy, log interface {
+	Error(string, ...any)
+}) (stop func(), err error) {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		st := h.Status(r.Context())
+		if !st.OK {
+			http.Error(w, st.Reason, http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		if err := h.SelfTest(r.Context()); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-addr: %w", err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server failed", "error", err)
+		}
+	}()
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+	}, nil
+}

@@ -1,0 +1,110 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kubekms/kubekms/keyservice/softkey"
+)
+
+func newSoftkeyCmd() *cobra.Command {
+	var uri string
+	cmd := &cobra.Command{
+		Use:   "softkey",
+		Short: "Manage the embedded keyring (the softkey key service)",
+	}
+	cmd.PersistentFlags().StringVar(&uri, "key-uri", defaultKeyURI(), "keyring: softkey:///abs/path.json")
+	path := func() (string, error) { return softkey.ParseURI(uri) }
+
+	var disableAll bool
+	var version int
+	setDisabled := func(disabled bool) func(*cobra.Command, []string) error {
+		return func(cmd *cobra.Command, _ []string) error {
+			p, err := path()
+			if err != nil {
+				return err
+			}
+			if disableAll == (version != 0) {
+				return errors.New("give exactly one of --version N or --all")
+			}
+			ring, err := softkey.Load(p)
+			if err != nil {
+				return err
+			}
+			for _, v := range ring.Versions {
+				if disableAll || v.Version == version {
+					if ring, err = softkey.SetDisabled(p, v.Version, disabled); err != nil {
+						return err
+					}
+				}
+			}
+			return printRing(cmd, ring)
+		}
+	}
+	rotate := &cobra.Command{
+		Use:   "rotate",
+		Short: "Add a key version and make it primary (a running plugin picks it up; old versions still decrypt)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			p, err := path()
+			if err != nil {
+				return err
+			}
+			ring, err := softkey.Rotate(p)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "primary is now %s\n", ring.KeyID(ring.Primary))
+			return nil
+		},
+	}
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List key versions (never the keys)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			p, err := path()
+			if err != nil {
+				return err
+			}
+			ring, err := softkey.Load(p)
+			if err != nil {
+				return err
+			}
+			return printRing(cmd, ring)
+		},
+	}
+	disable := &cobra.Command{
+		Use:   "disable",
+		Short: "Revoke key versions: the plugin drops the local KEKs they wrapped and refuses their data",
+		Args:  cobra.NoArgs,
+		RunE:  setDisabled(true),
+	}
+	enable := &cobra.Command{Use: "enable", Short: "Re-enable key versions", Args: cobra.NoArgs, RunE: setDisabled(false)}
+	for _, c := range []*cobra.Command{disable, enable} {
+		c.Flags().IntVar(&version, "version", 0, "key version")
+		c.Flags().BoolVar(&disableAll, "all", false, "all versions")
+	}
+	cmd.AddCommand(rotate, list, disable, enable)
+	return cmd
+}
+
+func printRing(cmd *cobra.Command, ring *softkey.Keyring) error {
+	w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "VERSION\tKEY ID\tCREATED\tSTATE")
+	for _, v := range ring.Versions {
+		state := "enabled"
+		if v.Disabled {
+			state = "disabled"
+		}
+		if v.Version == ring.Primary {
+			state += ",primary"
+		}
+		fmt.Fprintf(w, "%d\t%s\t%s\t%s\n", v.Version, ring.KeyID(v.Version), v.Created.Format(time.RFC3339), state)
+	}
+	return w.Flush()
+}

@@ -1,0 +1,139 @@
+// Package plugin is the gRPC KMS plugin: the v2 KeyManagementService (and the
+// legacy v1beta1 one on the same socket) over the local key hierarchy. It
+// validates requests against the apiserver's limits, maps errors to gRPC
+// codes, and logs, traces and counts every call with the apiserver's uid. It
+// knows nothing about any key-service vendor.
+package plugin
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+	"google.golang.org/grpc/status"
+	kmsapi "k8s.io/kms/apis/v2"
+
+	"github.com/kubekms/kubekms/hierarchy"
+	"github.com/kubekms/kubekms/internal/metrics"
+)
+
+// Options configure the service.
+type Options struct {
+	Logger  *slog.Logger
+	Metrics *metrics.Metrics
+	Tracer  trace.Tracer
+	// Version is reported by the v1beta1 Version call.
+	Version string
+}
+
+func (o *Options) defaults() {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Tracer == nil {
+		o.Tracer = noop.NewTracerProvider().Tracer("")
+	}
+	if o.Version == "" {
+		o.Version = "dev"
+	}
+}
+
+// V2 implements v2.KeyManagementService.
+type V2 struct {
+	kmsapi.UnimplementedKeyManagementServiceServer
+	h    *hierarchy.Hierarchy
+	opts Options
+}
+
+// NewV2 returns the v2 service over h.
+func NewV2(h *hierarchy.Hierarchy, opts Options) *V2 {
+	opts.defaults()
+	return &V2{h: h, opts: opts}
+}
+
+// call is one observed request: a span, a log line and metrics.
+type call struct {
+	opts    Options
+	service string
+	method  string
+	uid     string
+	keyID   string
+	start   time.Time
+	span    trace.Span
+}
+
+func begin(ctx context.Context, opts Options, service, method, uid string) (context.Context, *call) {
+	ctx, span := opts.Tracer.Start(ctx, "kms."+service+"/"+method, trace.WithSpanKind(trace.SpanKindServer),
+		trace.WithAttributes(attribute.String("kms.uid", uid)))
+	return ctx, &call{opts: opts, service: service, method: method, uid: uid, start: time.Now(), span: span}
+}
+
+// end records the outcome and returns err as a gRPC status.
+func (c *call) end(err error) error {
+	err = toStatus(err)
+	code := status.Code(err)
+	d := time.Since(c.start)
+	c.opts.Metrics.GRPC(c.service, c.method, code.String(), d)
+	attrs := []any{"service", c.service, "method", c.method, "uid", c.uid, "key_id", c.keyID,
+		"outcome", code.String(), "duration", d}
+	if c.keyID != "" {
+		c.span.SetAttributes(attribute.String("kms.key_id", c.keyID))
+	}
+	if err != nil {
+		c.span.SetStatus(codes.Error, code.String())
+		c.span.RecordError(err)
+		c.opts.Logger.Warn("kms call failed", append(attrs, "error", status.Convert(err).Message())...)
+	} else {
+		c.opts.Logger.Info("kms call", attrs...)
+	}
+	c.span.End()
+	return err
+}
+
+// Status reports health from the hierarchy's cached probe.
+func (s *V2) Status(ctx context.Context, _ *kmsapi.StatusRequest) (*kmsapi.StatusResponse, error) {
+	start := time.Now()
+	st := s.h.Status(ctx)
+	healthz := "ok"
+	if !st.OK {
+		healthz = st.Reason
+		s.opts.Logger.Warn("unhealthy", "reason", st.Reason, "key_id", st.KeyID)
+	}
+	s.opts.Metrics.GRPC("v2", "Status", "OK", time.Since(start))
+	return &kmsapi.StatusResponse{Version: "v2", Healthz: healthz, KeyId: st.KeyID}, nil
+}
+
+// Encrypt seals the apiserver's seed.
+func (s *V2) Encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*kmsapi.EncryptResponse, error) {
+	ctx, c := begin(ctx, s.opts, "v2", "Encrypt", req.GetUid())
+	sealed, err := s.h.Encrypt(ctx, req.GetPlaintext())
+	if err != nil {
+		return nil, c.end(err)
+	}
+	c.keyID = sealed.KeyID
+	if err := CheckEncryptAnswer(sealed.Ciphertext, sealed.KeyID, sealed.Annotations); err != nil {
+		return nil, c.end(internalErr("encrypt answer breaks the apiserver's limits: %v", err))
+	}
+	return &kmsapi.EncryptResponse{Ciphertext: sealed.Ciphertext, KeyId: sealed.KeyID, Annotations: sealed.Annotations}, c.end(nil)
+}
+
+// Decrypt opens a seed the apiserver stored.
+func (s *V2) Decrypt(ctx context.Context, req *kmsapi.DecryptRequest) (*kmsapi.DecryptResponse, error) {
+	ctx, c := begin(ctx, s.opts, "v2", "Decrypt", req.GetUid())
+	c.keyID = req.GetKeyId()
+	if err := checkKeyID(req.GetKeyId()); err != nil {
+		return nil, c.end(invalid("%v", err))
+	}
+	if err := checkAnnotations(req.GetAnnotations()); err != nil {
+		return nil, c.end(invalid("%v", err))
+	}
+	plain, err := s.h.Decrypt(ctx, req.GetKeyId(), req.GetCiphertext(), req.GetAnnotations())
+	if err != nil {
+		return nil, c.end(err)
+	}
+	return &kmsapi.DecryptResponse{Plaintext: plain}, c.end(nil)
+}
