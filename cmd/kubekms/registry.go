@@ -2,6 +2,7 @@ package main
 
 import (
 	"github.com/kubekms/kubekms/keyservice"
+	"github.com/kubekms/kubekms/keyservice/pkcs11"
 	"github.com/kubekms/kubekms/keyservice/softkey"
 )
 
@@ -9,5 +10,6 @@ import (
 func newRegistry() *keyservice.Registry {
 	r := keyservice.NewRegistry()
 	r.Register(softkey.Scheme, softkey.Open)
+	r.Register("pkcs11", pkcs11.Open)
 	return r
 }

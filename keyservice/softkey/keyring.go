@@ -50,6 +50,15 @@ func (r *Keyring) Find(v int) *Version {
 	return nil
 }
 
+// newest returns the highest version number.
+func (r *Keyring) newest() int {
+	n := 0
+	for _, v := range r.Versions {
+		n = max(n, v.Version)
+	}
+	return n
+}
+
 func (r *Keyring) validate() error {
 	if r.Format != Format {
 		return fmt.Errorf("format %q, want %q", r.Format, Format)
@@ -188,11 +197,7 @@ func LoadOrCreate(path string) (r *Keyring, created bool, err error) {
 // Rotate adds a new version and makes it primary.
 func Rotate(path string) (*Keyring, error) {
 	return update(path, func(r *Keyring) error {
-		next := 0
-		for _, v := range r.Versions {
-			next = max(next, v.Version)
-		}
-		v, err := newVersion(next + 1)
+		v, err := newVersion(r.newest() + 1)
 		if err != nil {
 			return err
 		}

@@ -157,7 +157,12 @@ func (s *Service) Unwrap(_ context.Context, keyID string, wrapped []byte) ([]byt
 	}
 	v := ring.Find(version)
 	if v == nil {
-		return nil, keyservice.Revoked("unwrap", fmt.Errorf("key version %d is not in the keyring (destroyed?)", version))
+		// Versions are only ever added, so a version below the newest that is
+		// missing was destroyed (revoked); one above it never existed (bad input).
+		if version < ring.newest() {
+			return nil, keyservice.Revoked("unwrap", fmt.Errorf("key version %d was removed from the keyring", version))
+		}
+		return nil, keyservice.Invalid("unwrap", fmt.Errorf("key version %d does not exist in the keyring", version))
 	}
 	if v.Disabled {
 		return nil, keyservice.Revoked("unwrap", fmt.Errorf("key %s is disabled", keyID))

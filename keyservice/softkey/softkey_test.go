@@ -151,7 +151,7 @@ func TestUnwrapErrors(t *testing.T) {
 			t.Errorf("%s: Unwrap(%q) succeeded", name, keyID)
 		}
 	}
-	if _, err := svc.Unwrap(context.Background(), res.KeyID[:len(res.KeyID)-1]+"9", res.Wrapped); keyservice.Classify(err) != keyservice.ClassRevoked {
-		t.Errorf("missing version: class %v, want revoked", keyservice.Classify(err))
+	if _, err := svc.Unwrap(context.Background(), res.KeyID[:len(res.KeyID)-1]+"9", res.Wrapped); keyservice.Classify(err) != keyservice.ClassInvalid {
+		t.Errorf("never existing version: class %v, want invalid", keyservice.Classify(err))
 	}
 }
