@@ -2,8 +2,10 @@ package main
 
 import (
 	"github.com/kubekms/kubekms/keyservice"
+	"github.com/kubekms/kubekms/keyservice/awskms"
 	"github.com/kubekms/kubekms/keyservice/pkcs11"
 	"github.com/kubekms/kubekms/keyservice/softkey"
+	"github.com/kubekms/kubekms/keyservice/vault"
 )
 
 // newRegistry lists the key services this binary supports.
@@ -11,5 +13,9 @@ func newRegistry() *keyservice.Registry {
 	r := keyservice.NewRegistry()
 	r.Register(softkey.Scheme, softkey.Open)
 	r.Register("pkcs11", pkcs11.Open)
+	r.Register(awskms.Scheme, awskms.Open)
+	for _, s := range vault.Schemes() {
+		r.Register(s, vault.Open)
+	}
 	return r
 }

@@ -88,6 +88,17 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 		return err
 	}
 	defer svc.Close()
+	if ttl, ok := svc.(interface{ TokenTTL() time.Duration }); ok {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "kubekms", Name: "keyservice_token_ttl_seconds",
+			Help: "Remaining TTL of the key service's auth token (-1: never expires).",
+		}, func() float64 {
+			if d := ttl.TokenTTL(); d >= 0 {
+				return d.Seconds()
+			}
+			return -1
+		}))
+	}
 
 	cfg := f.hier
 	cfg.Logger, cfg.Metrics = log, m
