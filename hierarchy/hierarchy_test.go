@@ -35,7 +35,7 @@ type fixture struct {
 	state hierarchy.FileState
 }
 
-func newFixture(t *testing.T) *fixture {
+func newFixture(t testing.TB) *fixture {
 	t.Helper()
 	dir := t.TempDir()
 	path := filepath.Join(dir, "keyring.json")

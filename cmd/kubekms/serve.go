@@ -29,6 +29,8 @@ type serveFlags struct {
 	keyIDSuffix                     string
 	hier                            hierarchy.Config
 	metricsAddr                     string
+	otlpEndpoint                    string
+	otlpInsecure                    bool
 	logFormat, logLevel             string
 	shutdownGrace                   time.Duration
 	noState                         bool
@@ -64,6 +66,8 @@ embedded keyring file (softkey), created on first use.`,
 	fl.DurationVar(&f.hier.RevocationBound, "revocation-bound", time.Minute, "longest time to drop local KEKs after the key is revoked")
 	fl.IntVar(&f.hier.MaxConcurrentRemote, "max-concurrent-remote", 16, "concurrent remote key-service calls")
 	fl.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics and /healthz /livez /readyz on this address (e.g. 127.0.0.1:9595); off when empty")
+	fl.StringVar(&f.otlpEndpoint, "otlp-endpoint", "", "export OpenTelemetry traces over OTLP/gRPC to host:port; off when empty")
+	fl.BoolVar(&f.otlpInsecure, "otlp-insecure", true, "send OTLP without TLS (for a collector on loopback)")
 	fl.StringVar(&f.logFormat, "log-format", "json", "log format: json or text")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fl.DurationVar(&f.shutdownGrace, "shutdown-grace", 10*time.Second, "time for in-flight calls to finish on SIGTERM")
@@ -100,8 +104,14 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 		}))
 	}
 
+	tracer, stopTracing, err := newTracer(ctx, f.otlpEndpoint, f.otlpInsecure)
+	if err != nil {
+		return err
+	}
+	defer stopTracing()
+
 	cfg := f.hier
-	cfg.Logger, cfg.Metrics = log, m
+	cfg.Logger, cfg.Metrics, cfg.Tracer = log, m, tracer
 	if !f.noState && f.stateFile != "" {
 		cfg.State = hierarchy.FileState{Path: f.stateFile}
 	}
@@ -117,7 +127,7 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 	if err != nil {
 		return err
 	}
-	srv := plugin.NewGRPCServer(h, plugin.Options{Logger: log, Metrics: m, Version: version})
+	srv := plugin.NewGRPCServer(h, plugin.Options{Logger: log, Metrics: m, Tracer: tracer, Version: version})
 
 	if f.metricsAddr != "" {
 		stopHTTP, err := serveHTTP(f.metricsAddr, reg, h, log)
