@@ -485,7 +485,9 @@ func (h *Hierarchy) shred(keyID string, cause error) {
 		clear(cur.key)
 	}
 	h.m.CacheSize(h.cache.Len())
-	h.log.Warn("key revoked by the key service: dropped the local KEKs it wrapped", "key_id", keyID, "dropped", n, "error", cause)
+	if n > 0 {
+		h.log.Warn("key revoked by the key service: dropped the local KEKs it wrapped", "key_id", keyID, "dropped", n, "error", cause)
+	}
 }
 
 // remote runs one key-service operation with the concurrency bound, retries

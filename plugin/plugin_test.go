@@ -1,3 +1,5 @@
+//lint:file-ignore SA1019 KMS v1beta1 is deprecated upstream; kubekms serves it on purpose so clusters can migrate from v1 to v2.
+
 package plugin_test
 
 import (

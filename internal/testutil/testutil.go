@@ -3,6 +3,7 @@
 package testutil
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -61,4 +62,16 @@ func Binary(t testing.TB, envVar, name string) string {
 func isExec(p string) bool {
 	st, err := os.Stat(p)
 	return err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0
+}
+
+// BuildKubekms builds ./cmd/kubekms into dir and returns the binary's path.
+// Tests that drive the real binary (interop, soak) use it from TestMain.
+func BuildKubekms(dir string) (string, error) {
+	bin := filepath.Join(dir, "kubekms")
+	cmd := exec.Command("go", "build", "-o", bin, "github.com/kubekms/kubekms/cmd/kubekms")
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("build kubekms: %w", err)
+	}
+	return bin, nil
 }

@@ -1,0 +1,313 @@
+// Package soak drives `kubekms serve` with concurrent Encrypt and Decrypt
+// calls while the key service goes away and comes back, the plugin is killed
+// with SIGKILL and restarted, the remote key is rotated 5 times, and the key
+// is disabled and re-enabled. It reports operations attempted, failed and
+// lost; lost must be 0: every ciphertext the plugin ever returned still
+// decrypts (through a freshly started plugin) once its key is enabled again.
+//
+//	go test -count=1 -v ./test/soak/ -soak.phase=3s
+package soak
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"flag"
+	"fmt"
+	"math/big"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	kmsapi "k8s.io/kms/apis/v2"
+
+	"github.com/kubekms/kubekms/internal/testutil"
+)
+
+var (
+	phase   = flag.Duration("soak.phase", 2*time.Second, "length of each fault phase")
+	workers = flag.Int("soak.workers", 8, "concurrent callers")
+	bin     string
+)
+
+func TestMain(m *testing.M) {
+	flag.Parse()
+	dir, err := os.MkdirTemp("", "kubekms-soak-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bin, err = testutil.BuildKubekms(dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+type plugin struct {
+	cmd  *exec.Cmd
+	logs *bytes.Buffer
+}
+
+type env struct {
+	dir, keyring, socket string
+	p                    *plugin
+	logs                 bytes.Buffer // of every plugin process
+}
+
+func (e *env) start(t *testing.T) {
+	t.Helper()
+	p := &plugin{logs: &e.logs}
+	p.cmd = exec.Command(bin, "serve", "--listen", "unix://"+e.socket, "--key-uri", "softkey://"+e.keyring,
+		"--state-file", filepath.Join(e.dir, "state.json"), "--probe-interval", "200ms",
+		"--revocation-bound", "500ms", "--outage-grace", "1h", "--log-level", "warn")
+	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	e.p = p
+	t.Cleanup(func() { p.kill() })
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if st, err := os.Stat(e.socket); err == nil && st.Mode().Type() == os.ModeSocket {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("plugin did not start: %s", p.logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (p *plugin) kill() {
+	if p.cmd.ProcessState == nil {
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		_ = p.cmd.Wait()
+	}
+}
+
+func (e *env) kubekms(t *testing.T, args ...string) {
+	t.Helper()
+	out, err := exec.Command(bin, append(args, "--key-uri", "softkey://"+e.keyring)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("kubekms %v: %v: %s", args, err, out)
+	}
+}
+
+// record is one Encrypt answer with the plaintext it must decrypt to.
+type record struct {
+	plain []byte
+	resp  *kmsapi.EncryptResponse
+}
+
+// counts are per phase.
+type counts struct {
+	first             atomic.Value // first error message
+	attempted, failed atomic.Int64
+	codes             sync.Map // codes.Code -> *atomic.Int64
+}
+
+func (c *counts) fail(err error) {
+	c.first.CompareAndSwap(nil, err.Error())
+	c.failed.Add(1)
+	v, _ := c.codes.LoadOrStore(status.Code(err), new(atomic.Int64))
+	v.(*atomic.Int64).Add(1)
+}
+
+func (c *counts) code(code codes.Code) int64 {
+	if v, ok := c.codes.Load(code); ok {
+		return v.(*atomic.Int64).Load()
+	}
+	return 0
+}
+
+func TestSoak(t *testing.T) {
+	dir, err := os.MkdirTemp("", "kks")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	e := &env{dir: dir, keyring: filepath.Join(dir, "keyring.json"), socket: filepath.Join(dir, "kms.sock")}
+	e.start(t)
+	// Like the apiserver's KMS client: one connection, WaitForReady, a
+	// deadline per call.
+	conn, err := grpc.NewClient("unix://"+e.socket, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.WaitForReady(true)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	client := kmsapi.NewKeyManagementServiceClient(conn)
+
+	var mu sync.Mutex
+	var records []record
+	var cur atomic.Pointer[counts]
+	cur.Store(&counts{})
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range *workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				c := cur.Load()
+				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+				plain := make([]byte, 32)
+				_, _ = rand.Read(plain)
+				c.attempted.Add(1)
+				resp, err := client.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: plain, Uid: "soak"})
+				if err != nil {
+					c.fail(err)
+				} else {
+					mu.Lock()
+					records = append(records, record{plain, resp})
+					mu.Unlock()
+				}
+				mu.Lock()
+				var r record
+				if n := len(records); n > 0 {
+					i, _ := rand.Int(rand.Reader, big.NewInt(int64(n)))
+					r = records[i.Int64()]
+				}
+				mu.Unlock()
+				if r.resp != nil {
+					c.attempted.Add(1)
+					got, err := client.Decrypt(ctx, &kmsapi.DecryptRequest{Ciphertext: r.resp.Ciphertext, KeyId: r.resp.KeyId, Annotations: r.resp.Annotations, Uid: "soak"})
+					switch {
+					case err != nil:
+						c.fail(err)
+					case !bytes.Equal(got.Plaintext, r.plain):
+						t.Error("Decrypt returned wrong plaintext")
+					}
+				}
+				cancel()
+				time.Sleep(time.Millisecond)
+			}
+		}()
+	}
+
+	type result struct {
+		name string
+		c    *counts
+	}
+	var results []result
+	run := func(name string, during func()) *counts {
+		c := &counts{}
+		cur.Store(c)
+		during()
+		results = append(results, result{name, c})
+		return c
+	}
+	sleep := func() { time.Sleep(*phase) }
+
+	run("baseline", sleep)
+	outage := run("key service unreachable", func() {
+		mustRename(t, e.keyring, e.keyring+".away")
+		sleep()
+		mustRename(t, e.keyring+".away", e.keyring)
+	})
+	run("after outage", sleep)
+	run("plugin SIGKILL + restart", func() {
+		e.p.kill()
+		time.Sleep(*phase / 4)
+		e.start(t)
+		sleep()
+	})
+	rotations := run("remote key rotated 5 times", func() {
+		for range 5 {
+			e.kubekms(t, "softkey", "rotate")
+			time.Sleep(*phase / 2)
+		}
+	})
+	revoked := run("key disabled", func() {
+		e.kubekms(t, "softkey", "disable", "--all")
+		sleep()
+	})
+	run("key re-enabled", func() {
+		e.kubekms(t, "softkey", "enable", "--all")
+		sleep()
+	})
+	close(stop)
+	wg.Wait()
+	if os.Getenv("SOAK_DEBUG") != "" {
+		t.Logf("plugin logs: %s", e.logs.String())
+	}
+
+	// Every ciphertext ever returned must still decrypt, through a fresh
+	// plugin with no cache and no state.
+	e.p.kill()
+	if err := os.Remove(filepath.Join(dir, "state.json")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	e.start(t)
+	lost := 0
+	var firstErr error
+	for _, r := range records {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		got, err := client.Decrypt(ctx, &kmsapi.DecryptRequest{Ciphertext: r.resp.Ciphertext, KeyId: r.resp.KeyId, Annotations: r.resp.Annotations, Uid: "verify"})
+		cancel()
+		if err != nil || !bytes.Equal(got.Plaintext, r.plain) {
+			if firstErr == nil {
+				firstErr = fmt.Errorf("key_id %s: %v", r.resp.KeyId, err)
+			}
+			lost++
+		}
+	}
+
+	t.Logf("| phase (%v each, %d callers) | attempted | failed | failures by code |", *phase, *workers)
+	t.Logf("|---|---|---|---|")
+	for _, r := range results {
+		byCode := ""
+		r.c.codes.Range(func(k, v any) bool {
+			byCode += fmt.Sprintf("%v=%d ", k, v.(*atomic.Int64).Load())
+			return true
+		})
+		t.Logf("| %s | %d | %d | %s |", r.name, r.c.attempted.Load(), r.c.failed.Load(), byCode)
+		if first := r.c.first.Load(); first != nil {
+			t.Logf("  first failure in %q: %s", r.name, first)
+		}
+	}
+	t.Logf("ciphertexts returned: %d, lost: %d (first error: %v)", len(records), lost, firstErr)
+
+	if lost != 0 {
+		t.Fatalf("%d of %d ciphertexts no longer decrypt", lost, len(records))
+	}
+	if n := outage.failed.Load(); n != 0 {
+		t.Errorf("%d calls failed while the key service was unreachable; the outage grace should serve them", n)
+	}
+	if n := rotations.failed.Load(); n != 0 {
+		t.Errorf("%d calls failed during rotations", n)
+	}
+	if revoked.code(codes.FailedPrecondition) == 0 {
+		t.Error("no call was refused while the key was disabled: crypto-shredding did not happen")
+	}
+	if results[0].c.attempted.Load() == 0 {
+		t.Error("the soak made no calls")
+	}
+}
+
+func mustRename(t *testing.T, from, to string) {
+	t.Helper()
+	if err := os.Rename(from, to); err != nil {
+		t.Fatal(err)
+	}
+}
