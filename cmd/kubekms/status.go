@@ -82,7 +82,7 @@ func checkPlugin(ctx context.Context, endpoint string, timeout time.Duration, ro
 	st, err := c.Status(ctx)
 	rep.StatusMillis = millis(time.Since(start))
 	if err != nil {
-		return nil, fmt.Errorf("Status: %w", err)
+		return nil, fmt.Errorf("status call: %w", err)
 	}
 	rep.Version, rep.Healthz, rep.KeyID = st.Version, st.Healthz, st.KeyID
 	if st.Version != "v2" && st.Version != "v2beta1" {

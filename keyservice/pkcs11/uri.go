@@ -281,9 +281,7 @@ func parsePINSource(v string) (PINSource, error) {
 	switch {
 	case strings.HasPrefix(v, "file:"):
 		p := strings.TrimPrefix(v, "file:")
-		if strings.HasPrefix(p, "//") { // file:///abs/path
-			p = strings.TrimPrefix(p, "//")
-		}
+		p = strings.TrimPrefix(p, "//") // file:///abs/path
 		if !filepath.IsAbs(p) {
 			return PINSource{}, errors.New("pin-source=file: needs an absolute path (file:/etc/kubekms/pin)")
 		}

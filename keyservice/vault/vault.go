@@ -349,7 +349,7 @@ func ciphertextVersion(ct string) (int, error) {
 	num, _, ok2 := strings.Cut(rest, ":")
 	v, err := strconv.Atoi(num)
 	if !ok || !ok2 || err != nil || v < 1 {
-		return 0, errors.New("ciphertext does not start with vault:v<N>:")
+		return 0, errors.New("ciphertext lacks the vault:v<N>: prefix")
 	}
 	return v, nil
 }

@@ -137,7 +137,6 @@ func TestTokenFileReread(t *testing.T) {
 	if _, err := svc.Probe(ctx(t)); err != nil {
 		t.Fatal(err)
 	}
-	old, _ := os.ReadFile(e.tokenFile)
 	// A new token in the file is used from the next request on, while the
 	// old one still works.
 	fresh := e.srv.CreateToken(time.Hour, true)
@@ -148,11 +147,10 @@ func TestTokenFileReread(t *testing.T) {
 	if e.srv.Uses(fresh) == 0 {
 		t.Fatal("the rewritten token file was not re-read")
 	}
-	old = []byte(fresh)
 	// Vault Agent writes a new token; the old one is revoked at once.
 	next := e.srv.CreateToken(time.Hour, true)
 	writeFile(t, e.tokenFile, next)
-	e.srv.RevokeToken(strings.TrimSpace(string(old)))
+	e.srv.RevokeToken(strings.TrimSpace(fresh))
 	if _, err := svc.Probe(ctx(t)); err != nil {
 		t.Fatalf("Probe after the token file changed: %v", err)
 	}
@@ -166,7 +164,7 @@ func TestTokenFileReread(t *testing.T) {
 	if !strings.Contains(err.Error(), "invalid or expired") {
 		t.Fatalf("error does not say what is wrong: %v", err)
 	}
-	for _, secret := range []string{strings.TrimSpace(string(old)), next} {
+	for _, secret := range []string{strings.TrimSpace(fresh), next} {
 		if strings.Contains(err.Error(), secret) || strings.Contains(logs.String(), secret) {
 			t.Fatal("a token leaked into an error or a log")
 		}
