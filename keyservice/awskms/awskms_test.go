@@ -16,8 +16,8 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
 
 	"github.com/kubekms/kubekms/hierarchy/hierarchytest"
+	"github.com/kubekms/kubekms/internal/testservers/localkms"
 	"github.com/kubekms/kubekms/keyservice"
-	"github.com/kubekms/kubekms/keyservice/awskms/internal/localkms"
 	"github.com/kubekms/kubekms/keyservice/keyservicetest"
 )
 

@@ -94,7 +94,7 @@ func TestRecreatedKeyGetsNewID(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.deleteKey(id)
-	h.nextID = id
+	h.SetNextID(id)
 	h.keygen(testLabel)
 	after, err := svc.Probe(testCtx(t))
 	if err != nil {

@@ -45,20 +45,35 @@ func TestMain(m *testing.M) {
 // Backend is one key service the suite runs kubekms on.
 type Backend struct {
 	Name string
-	// Setup returns the key URI, extra serve flags, and a function that
-	// rotates the remote key.
-	Setup func(t *testing.T, dir string) (keyURI string, flags []string, rotate func(t *testing.T))
+	// Setup starts the key service (stopped when t ends) and says how to
+	// run kubekms on it. dir is the plugin's private folder.
+	Setup func(t *testing.T, dir string) Deployment
+}
+
+// Deployment is how kubekms serve runs on one key service.
+type Deployment struct {
+	KeyURI string
+	// Flags are extra serve flags (--cluster-name, ...).
+	Flags []string
+	// Env is added to the plugin's environment, which is the test's own
+	// minus every AWS_ variable (the host's AWS settings never leak in).
+	Env []string
+	// Wrap, if set, wraps the plugin's command line (e.g. with nsenter, to
+	// run it in the key service's network namespace).
+	Wrap func(cmd []string) []string
+	// Rotate rotates the remote key: the key ID must change.
+	Rotate func(t *testing.T)
 }
 
 func softkeyBackend() Backend {
-	return Backend{Name: "softkey", Setup: func(t *testing.T, dir string) (string, []string, func(*testing.T)) {
+	return Backend{Name: "softkey", Setup: func(t *testing.T, dir string) Deployment {
 		uri := "softkey://" + filepath.Join(dir, "keyring.json")
-		return uri, nil, func(t *testing.T) {
+		return Deployment{KeyURI: uri, Rotate: func(t *testing.T) {
 			out, err := exec.Command(kubekmsBin, "softkey", "rotate", "--key-uri", uri).CombinedOutput()
 			if err != nil {
 				t.Fatalf("softkey rotate: %v: %s", err, out)
 			}
-		}
+		}}
 	}}
 }
 
@@ -75,12 +90,16 @@ type plugin struct {
 	logs   *bytes.Buffer
 }
 
-func startPlugin(t *testing.T, dir, keyURI string, flags []string) *plugin {
+func startPlugin(t *testing.T, dir string, d Deployment) *plugin {
 	t.Helper()
 	socket := filepath.Join(dir, "kms.sock")
-	args := append([]string{"serve", "--listen", "unix://" + socket, "--key-uri", keyURI,
-		"--state-file", filepath.Join(dir, "state.json"), "--probe-interval", "1s"}, flags...)
-	cmd := exec.Command(kubekmsBin, args...)
+	argv := append([]string{kubekmsBin, "serve", "--listen", "unix://" + socket, "--key-uri", d.KeyURI,
+		"--state-file", filepath.Join(dir, "state.json"), "--probe-interval", "1s"}, d.Flags...)
+	if d.Wrap != nil {
+		argv = d.Wrap(argv)
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = pluginEnv(d.Env)
 	logs := &bytes.Buffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -100,6 +119,16 @@ func startPlugin(t *testing.T, dir, keyURI string, flags []string) *plugin {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+func pluginEnv(extra []string) []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "AWS_") {
+			env = append(env, kv)
+		}
+	}
+	return append(env, extra...)
 }
 
 func (p *plugin) kill(sig syscall.Signal) {
@@ -202,8 +231,8 @@ func runInterop(t *testing.T, b Backend) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	keyURI, flags, rotate := b.Setup(t, dir)
-	p := startPlugin(t, dir, keyURI, flags)
+	d := b.Setup(t, dir)
+	p := startPlugin(t, dir, d)
 	cfg := writeConfig(t, dir, p.socket)
 
 	// 1. Writes go through kubekms and are stored as k8s:enc:kms:v2:kubekms:.
@@ -235,7 +264,7 @@ func runInterop(t *testing.T, b Backend) {
 
 	// 3. A plugin restart (kill -9): a new apiserver run still reads everything.
 	p.kill(syscall.SIGKILL)
-	p = startPlugin(t, dir, keyURI, flags)
+	p = startPlugin(t, dir, d)
 	a2.cancel()
 	a3 := startApiserver(t, cfg)
 	for k := range stored {
@@ -244,7 +273,7 @@ func runInterop(t *testing.T, b Backend) {
 
 	// 4. Rotation without restart: new writes carry the new key_id within the
 	// apiserver's Status poll (1 min), old data reads with stale=true.
-	rotate(t)
+	d.Rotate(t)
 	deadline := time.Now().Add(3 * time.Minute)
 	var keyID2 string
 	for i := 0; ; i++ {
