@@ -228,8 +228,9 @@ func (h *Hierarchy) loop() {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.RemoteTimeout)
 		if keyID, err := h.probe(ctx); err == nil { // probe logs its own failures
-			h.ensureKEK(ctx, keyID)
+			_ = h.ensureKEK(ctx, keyID)
 		}
+		h.Status(ctx) // refreshes the health metrics; the probe above is fresh, so no second call
 		cancel()
 	}
 }
@@ -644,6 +645,7 @@ func (h *Hierarchy) Status(ctx context.Context) Health {
 		out.Reason = fmt.Sprintf("key service unreachable, serving from cache; grace ends in %s", out.GraceRemaining.Round(time.Second))
 	default:
 		out.OK = true
+		out.GraceRemaining = h.cfg.OutageGrace
 	}
 	if !out.OK {
 		out.GraceRemaining = 0

@@ -1,0 +1,125 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	kmsservice "k8s.io/kms/pkg/service"
+
+	"github.com/kubekms/kubekms/envelope/kmsclient"
+)
+
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestServe runs `kubekms serve` in-process: socket mode, a round trip with
+// the uid, metrics and probe endpoints, then a graceful stop that removes
+// the socket.
+func TestServe(t *testing.T) {
+	dir, err := os.MkdirTemp("", "kksv")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "run", "kms.sock")
+	keyring := filepath.Join(dir, "keyring.json")
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cmd := newRootCmd()
+	cmd.SetArgs([]string{"serve", "--listen", "unix://" + sock, "--key-uri", "softkey://" + keyring,
+		"--state-file", filepath.Join(dir, "state.json"), "--metrics-addr", addr})
+	logs := &strings.Builder{}
+	cmd.SetErr(logs)
+	done := make(chan error, 1)
+	go func() { done <- cmd.ExecuteContext(ctx) }()
+
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no socket")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if st, _ := os.Stat(sock); st.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v", st.Mode().Perm())
+	}
+	c, err := kmsclient.Dial("unix://"+sock, 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	enc, err := c.Encrypt(ctx, "serve-test-uid", []byte("0123456789abcdef0123456789abcdef"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Decrypt(ctx, "serve-test-uid", &kmsservice.DecryptRequest{Ciphertext: enc.Ciphertext, KeyID: enc.KeyID, Annotations: enc.Annotations}); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{"/livez", "/readyz", "/healthz"} {
+		if code, body := get(t, "http://"+addr+path); code != 200 || strings.TrimSpace(body) != "ok" {
+			t.Errorf("%s: %d %q", path, code, body)
+		}
+	}
+	_, metrics := get(t, "http://"+addr+"/metrics")
+	for _, want := range []string{
+		`kubekms_grpc_requests_total{code="OK",method="Decrypt",service="v2"} 1`,
+		`kubekms_grpc_request_duration_seconds_bucket{code="OK",method="Encrypt",service="v2"`,
+		`kubekms_keyservice_calls_total{operation="wrap",outcome="ok"} 1`,
+		`kubekms_keyservice_call_duration_seconds_bucket{operation="probe"`,
+		`kubekms_local_kek_cache_size 1`,
+		`kubekms_local_kek_created_total{reason="startup"} 1`,
+		`kubekms_key_id_info{key_id_hash="sha256:`,
+		`kubekms_healthy 1`,
+		`kubekms_outage_grace_remaining_seconds 3600`,
+		`kubekms_local_kek_uses`,
+		`kubekms_local_kek_age_seconds`,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	if !strings.Contains(logs.String(), `"uid":"serve-test-uid"`) {
+		t.Error("logs lack the uid")
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("serve: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("serve did not stop")
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatalf("socket left after shutdown: %v", err)
+	}
+}
