@@ -34,6 +34,10 @@ func checkKeyID(keyID string) error {
 func checkAnnotations(annotations map[string][]byte) error {
 	total := 0
 	for k, v := range annotations {
+		if k == hierarchy.AnnotationKey { // ours, known valid: skip the regexp on the hot path
+			total += len(k) + len(v)
+			continue
+		}
 		if errs := validation.IsDNS1123Subdomain(k); len(errs) > 0 || !strings.Contains(k, ".") {
 			return fmt.Errorf("annotation key %q is not a fully qualified domain name", k)
 		}

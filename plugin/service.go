@@ -78,19 +78,25 @@ func (c *call) end(err error) error {
 	code := status.Code(err)
 	d := time.Since(c.start)
 	c.opts.Metrics.GRPC(c.service, c.method, code.String(), d)
-	attrs := []any{"service", c.service, "method", c.method, "uid", c.uid, "key_id", c.keyID,
-		"outcome", code.String(), "duration", d}
 	if c.keyID != "" {
 		c.span.SetAttributes(attribute.String("kms.key_id", c.keyID))
 	}
+	level, msg := slog.LevelInfo, "kms call"
 	if err != nil {
 		c.span.SetStatus(codes.Error, code.String())
 		c.span.RecordError(err)
-		c.opts.Logger.Warn("kms call failed", append(attrs, "error", status.Convert(err).Message())...)
-	} else {
-		c.opts.Logger.Info("kms call", attrs...)
+		level, msg = slog.LevelWarn, "kms call failed"
 	}
 	c.span.End()
+	// Enabled first: building the attributes costs more than the call itself.
+	if c.opts.Logger.Enabled(context.Background(), level) {
+		attrs := []slog.Attr{slog.String("service", c.service), slog.String("method", c.method), slog.String("uid", c.uid),
+			slog.String("key_id", c.keyID), slog.String("outcome", code.String()), slog.Duration("duration", d)}
+		if err != nil {
+			attrs = append(attrs, slog.String("error", status.Convert(err).Message()))
+		}
+		c.opts.Logger.LogAttrs(context.Background(), level, msg, attrs...)
+	}
 	return err
 }
 
