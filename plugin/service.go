@@ -77,7 +77,7 @@ func (c *call) end(err error) error {
 	err = toStatus(err)
 	code := status.Code(err)
 	d := time.Since(c.start)
-	c.opts.Metrics.GRPC(c.service, c.method, code.String(), d)
+	c.opts.Metrics.GRPC(c.service, c.method, code.String(), c.uid, d)
 	if c.keyID != "" {
 		c.span.SetAttributes(attribute.String("kms.key_id", c.keyID))
 	}
@@ -109,7 +109,7 @@ func (s *V2) Status(ctx context.Context, _ *kmsapi.StatusRequest) (*kmsapi.Statu
 		healthz = st.Reason
 		s.opts.Logger.Warn("unhealthy", "reason", st.Reason, "key_id", st.KeyID)
 	}
-	s.opts.Metrics.GRPC("v2", "Status", "OK", time.Since(start))
+	s.opts.Metrics.GRPC("v2", "Status", "OK", "", time.Since(start))
 	return &kmsapi.StatusResponse{Version: "v2", Healthz: healthz, KeyId: st.KeyID}, nil
 }
 

@@ -107,6 +107,17 @@ func TestServe(t *testing.T) {
 			t.Errorf("metrics lack %s", want)
 		}
 	}
+	req, _ := http.NewRequest(http.MethodGet, "http://"+addr+"/metrics", nil)
+	req.Header.Set("Accept", "application/openmetrics-text; version=1.0.0")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	om, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(om), `# {uid="serve-test-uid"}`) {
+		t.Error("OpenMetrics latency histogram lacks the uid exemplar")
+	}
 	if !strings.Contains(logs.String(), `"uid":"serve-test-uid"`) {
 		t.Error("logs lack the uid")
 	}

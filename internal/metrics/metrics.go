@@ -93,13 +93,21 @@ func HashKeyID(keyID string) string {
 	return "sha256:" + hex.EncodeToString(sum[:])
 }
 
-// GRPC records one gRPC request.
-func (m *Metrics) GRPC(service, method, code string, d time.Duration) {
+// GRPC records one gRPC request. A non-empty uid (the apiserver's request
+// id) is attached to the latency observation as an exemplar, so a slow bucket
+// leads to the log lines and trace of one envelope operation without making
+// the uid a label (which would explode the series count).
+func (m *Metrics) GRPC(service, method, code, uid string, d time.Duration) {
 	if m == nil {
 		return
 	}
 	m.grpcRequests.WithLabelValues(service, method, code).Inc()
-	m.grpcLatency.WithLabelValues(service, method, code).Observe(d.Seconds())
+	obs := m.grpcLatency.WithLabelValues(service, method, code)
+	if eo, ok := obs.(prometheus.ExemplarObserver); ok && uid != "" && len(uid) <= 64 {
+		eo.ObserveWithExemplar(d.Seconds(), prometheus.Labels{"uid": uid})
+		return
+	}
+	obs.Observe(d.Seconds())
 }
 
 // Remote records one remote key-service attempt.
