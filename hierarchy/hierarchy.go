@@ -229,6 +229,7 @@ func (h *Hierarchy) loop() {
 		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.RemoteTimeout)
 		if keyID, err := h.probe(ctx); err == nil { // probe logs its own failures
 			_ = h.ensureKEK(ctx, keyID)
+			h.checkCachedVersions(ctx, keyID)
 		}
 		h.Status(ctx) // refreshes the health metrics; the probe above is fresh, so no second call
 		cancel()
@@ -488,6 +489,28 @@ func (h *Hierarchy) shred(keyID string, cause error) {
 	h.m.CacheSize(h.cache.Len())
 	if n > 0 {
 		h.log.Warn("key revoked by the key service: dropped the local KEKs it wrapped", "key_id", keyID, "dropped", n, "error", cause)
+	}
+}
+
+// checkCachedVersions asks the key service, when it can tell cheaply,
+// whether the older key IDs of cached local KEKs are still usable, and drops
+// the local KEKs of revoked ones.
+func (h *Hierarchy) checkCachedVersions(ctx context.Context, current string) {
+	vc, ok := h.svc.(keyservice.VersionChecker)
+	if !ok {
+		return
+	}
+	seen := map[string]bool{current: true}
+	for _, k := range h.cache.Values() {
+		if seen[k.remoteKeyID] {
+			continue
+		}
+		seen[k.remoteKeyID] = true
+		keyID := k.remoteKeyID
+		err := h.remote(ctx, "check", func(ctx context.Context) error { return vc.CheckKeyID(ctx, keyID) })
+		if keyservice.Classify(err) == keyservice.ClassRevoked {
+			h.shred(keyID, err)
+		}
 	}
 }
 

@@ -403,3 +403,50 @@ func TestStartsWhileKeyServiceIsDown(t *testing.T) {
 	}
 	decrypt(t, h, encrypt(t, h))
 }
+
+// TestRevokedOldVersionIsShredded: disabling one old key version (the key
+// itself stays usable) drops the cached local KEKs it wrapped within the
+// revocation bound, without any cache miss.
+func TestRevokedOldVersionIsShredded(t *testing.T) {
+	f := newFixture(t)
+	// The raw service: the counting wrapper would hide its VersionChecker.
+	h, err := hierarchy.New(context.Background(), f.svc.Service, hierarchy.Config{ProbeInterval: time.Hour, RevocationBound: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close)
+	old := encrypt(t, h)
+	if _, err := softkey.Rotate(f.path); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	var fresh hierarchy.Sealed
+	for {
+		fresh = encrypt(t, h)
+		if fresh.KeyID != old.KeyID {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("rotation not picked up")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	ring, err := softkey.Load(f.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := softkey.SetDisabled(f.path, ring.Versions[0].Version, true); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		_, err := h.Decrypt(context.Background(), old.KeyID, old.Ciphertext, old.Annotations)
+		if keyservice.Classify(err) == keyservice.ClassRevoked {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("data under the disabled version still decrypts (err %v)", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	decrypt(t, h, fresh) // the current version is untouched
+}

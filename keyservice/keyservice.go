@@ -54,3 +54,11 @@ func (o Options) LoggerOrDiscard() *slog.Logger {
 	}
 	return slog.New(slog.DiscardHandler)
 }
+
+// VersionChecker is implemented by services that can tell cheaply (no paid
+// crypto call) whether an older key ID is still usable. The hierarchy asks it
+// about the key IDs of its cached local KEKs, so revoking one old key version
+// also cuts access within the revocation bound, not only revoking the key.
+type VersionChecker interface {
+	CheckKeyID(ctx context.Context, keyID string) error
+}

@@ -215,3 +215,26 @@ func parseKeyID(keyID string) (ring string, version int, err error) {
 	}
 	return ring, version, nil
 }
+
+// CheckKeyID reports whether keyID's version is still usable: a disabled or
+// removed version is revoked. No cryptographic call.
+func (s *Service) CheckKeyID(_ context.Context, keyID string) error {
+	ring, err := s.current(false)
+	if err != nil {
+		return err
+	}
+	ringID, version, err := parseKeyID(keyID)
+	if err != nil || ringID != ring.RingID {
+		return keyservice.Invalid("check", fmt.Errorf("key ID %q is not in this keyring", keyID))
+	}
+	v := ring.Find(version)
+	switch {
+	case v == nil && version < ring.newest():
+		return keyservice.Revoked("check", fmt.Errorf("key version %d was removed from the keyring", version))
+	case v == nil:
+		return keyservice.Invalid("check", fmt.Errorf("key version %d does not exist in the keyring", version))
+	case v.Disabled:
+		return keyservice.Revoked("check", fmt.Errorf("key %s is disabled", keyID))
+	}
+	return nil
+}
