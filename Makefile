@@ -23,10 +23,11 @@ build:
 run: build
 	./$(BIN) serve --log-format text
 
-## deps: install the real parts the tests use (SoftHSM2, local-kms).
+## deps: install the real parts the unit tests use (SoftHSM2, local-kms, etcd).
 deps:
 	hack/install-softhsm.sh
 	hack/install-local-kms.sh
+	hack/cluster-bins.sh etcd
 
 ## test: install the test dependencies, then lint and run every unit, real-part and interop test.
 test: deps lint unit

@@ -33,8 +33,7 @@ func newRootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newServeCmd(), newSoftkeyCmd(), newStatusCmd())
-	addToolCmds(root)
+	root.AddCommand(newServeCmd(), newSoftkeyCmd(), newStatusCmd(), newInventoryCmd(), newDecryptCmd())
 	return root
 }
 

@@ -1,0 +1,270 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/kubekms/kubekms/envelope/kmsclient"
+	"github.com/kubekms/kubekms/inventory"
+	"github.com/kubekms/kubekms/migrate"
+	"github.com/kubekms/kubekms/snapshot"
+)
+
+type migrateFlags struct {
+	kubeconfig, kubeContext string
+	resources               []string
+	etcd                    etcdFlags
+	pluginEndpoint, keyID   string
+	timeout                 time.Duration
+	all, includePlaintext   bool
+	qps                     float64
+	concurrency, limit      int
+	stateFile               string
+	dryRun                  bool
+}
+
+func newMigrateCmd() *cobra.Command {
+	var f migrateFlags
+	cmd := &cobra.Command{
+		Use:   "migrate",
+		Short: "Rewrite the objects stored under an old key through the API, so they are stored under the current key_id",
+		Long: `After a key rotation, objects in etcd stay under the old key_id until they are written again.
+migrate finds them and rewrites each through the Kubernetes API with a no-op update (GET, then
+UPDATE with the same resourceVersion; conflicts are retried), which kube-apiserver stores again
+under its current key. Then it reads etcd again and reports what is still stale.
+
+Finding the objects:
+  --etcd-endpoints  read the envelope headers in etcd (nothing is decrypted) and rewrite exactly
+                    the stale objects; needs the current key_id (--plugin or --current-key-id).
+  --all             list every object of the resources through the API and rewrite them all
+                    (when etcd is not reachable; the apiserver skips the write of objects that
+                    are already current). With --etcd-endpoints as well, etcd is checked after.
+
+Wait until kube-apiserver uses the new key_id before migrating (it polls the plugin's Status
+about once a minute): new writes must carry it. Objects it still reads as current are left
+unchanged and reported.
+
+--state-file makes a run resumable: every rewritten object is recorded, and a rerun with the
+same file skips them. --limit migrates in batches. --qps and --concurrency bound the load.
+
+Exit code 0 when nothing stale remains, 2 when stale objects remain (e.g. after --limit),
+1 on errors or objects that failed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return runMigrate(cmd, &f) },
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster)")
+	fl.StringVar(&f.kubeContext, "context", "", "kubeconfig context (default: the current one)")
+	fl.StringSliceVar(&f.resources, "resources", []string{"secrets"}, "resources to migrate, as resource[.group] (secrets,configmaps,widgets.example.com)")
+	fl.StringSliceVar(&f.etcd.endpoints, "etcd-endpoints", nil, "live etcd endpoints (https://host:2379,...) to find stale objects and check the result")
+	fl.StringVar(&f.etcd.cacert, "cacert", "", "CA bundle to verify etcd's certificate")
+	fl.StringVar(&f.etcd.cert, "cert", "", "client certificate for etcd")
+	fl.StringVar(&f.etcd.key, "key", "", "client key for etcd")
+	fl.StringVar(&f.etcd.prefix, "prefix", inventory.RegistryPrefix, "kube-apiserver's etcd prefix (--etcd-prefix, with a trailing /)")
+	fl.IntVar(&f.etcd.pageSize, "page-size", snapshot.DefaultPageSize, "keys per range read on etcd")
+	fl.StringVar(&f.pluginEndpoint, "plugin", "", "KMS v2 plugin endpoint (unix:///path.sock) whose Status gives the current key_id")
+	fl.StringVar(&f.keyID, "current-key-id", "", "the current key_id, instead of asking --plugin")
+	fl.DurationVar(&f.timeout, "timeout", kmsclient.DefaultTimeout, "per-call timeout for the plugin")
+	fl.BoolVar(&f.all, "all", false, "list and rewrite every object through the API instead of finding stale ones in etcd")
+	fl.BoolVar(&f.includePlaintext, "include-plaintext", false, "also rewrite unencrypted objects (after encryption was enabled for a resource)")
+	fl.Float64Var(&f.qps, "qps", 50, "API requests per second, GETs and UPDATEs together (0: no limit)")
+	fl.IntVar(&f.concurrency, "concurrency", 4, "objects rewritten at once")
+	fl.IntVar(&f.limit, "limit", 0, "rewrite at most this many objects in this run (0: all)")
+	fl.StringVar(&f.stateFile, "state-file", "", "record rewritten objects here; a rerun with the same file skips them")
+	fl.BoolVar(&f.dryRun, "dry-run", false, "list the objects that would be rewritten, change nothing")
+	return cmd
+}
+
+func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
+	ctx := cmd.Context()
+	out := cmd.OutOrStdout()
+	useEtcd := len(f.etcd.endpoints) > 0
+	switch {
+	case !useEtcd && !f.all:
+		return errors.New("give --etcd-endpoints (to find the stale objects in etcd) or --all (to rewrite every object through the API)")
+	case f.pluginEndpoint != "" && f.keyID != "":
+		return errors.New("give at most one of --plugin and --current-key-id")
+	case f.qps < 0:
+		return fmt.Errorf("--qps %v: want >= 0", f.qps)
+	case f.concurrency < 1:
+		return fmt.Errorf("--concurrency %d: want >= 1", f.concurrency)
+	case f.limit < 0:
+		return fmt.Errorf("--limit %d: want >= 0", f.limit)
+	case f.includePlaintext && !useEtcd:
+		return errors.New("--include-plaintext needs --etcd-endpoints (with --all every object is rewritten anyway)")
+	}
+	grs, err := migrate.ParseResources(f.resources)
+	if err != nil {
+		return fmt.Errorf("--resources: %w", err)
+	}
+	keyID := f.keyID
+	if f.pluginEndpoint != "" {
+		if keyID, err = currentKeyID(ctx, f.pluginEndpoint, f.timeout); err != nil {
+			return fmt.Errorf("current key_id: %w", err)
+		}
+	}
+	if useEtcd && keyID == "" {
+		return errors.New("--etcd-endpoints needs the current key_id: give --plugin or --current-key-id")
+	}
+
+	cfg, err := loadKubeconfig(f.kubeconfig, f.kubeContext)
+	if err != nil {
+		return err
+	}
+	clients, err := migrate.NewClients(cfg)
+	if err != nil {
+		return err
+	}
+	resources, err := migrate.Resolve(clients.Mapper, grs)
+	if err != nil {
+		return err
+	}
+	etcdOpts := migrate.EtcdOptions{Prefix: f.etcd.prefix, CurrentKeyID: keyID, IncludePlaintext: f.includePlaintext}
+
+	var plan *migrate.Plan
+	if f.all {
+		plan, err = migrate.PlanFromAPI(ctx, clients.Metadata, resources, 500)
+	} else {
+		plan, err = planFromEtcd(ctx, &f.etcd, resources, etcdOpts)
+	}
+	if err != nil {
+		return err
+	}
+	printPlan(out, plan, keyID)
+	if f.dryRun {
+		for _, t := range plan.Targets {
+			fmt.Fprintln(out, "would rewrite", t.Key())
+		}
+		return nil
+	}
+
+	var state *migrate.State
+	if f.stateFile != "" {
+		if state, err = migrate.OpenState(f.stateFile, keyID); err != nil {
+			return err
+		}
+		defer state.Close()
+	}
+	log, err := newLogger(cmd.ErrOrStderr(), "text", "info")
+	if err != nil {
+		return err
+	}
+	progress, finish := newProgress(cmd, "migrate")
+	start := time.Now()
+	res, runErr := migrate.Run(ctx, clients.Dynamic, plan, migrate.Options{
+		QPS: f.qps, Concurrency: f.concurrency, Limit: f.limit, State: state, Progress: progress, Log: log,
+	})
+	finish()
+	elapsed := time.Since(start)
+	fmt.Fprintf(out, "Rewritten %d, unchanged %d, resumed from state file %d, deleted meanwhile %d, conflicts retried %d, failed %d, not attempted %d (%s)\n",
+		res.Rewritten, res.Unchanged, res.Resumed, res.Deleted, res.ConflictsRetried, res.Failed, res.NotAttempted, elapsed.Round(time.Millisecond))
+	if plan.FromEtcd && res.Unchanged > 0 {
+		fmt.Fprintf(out, "Warning: kube-apiserver left %d stale object(s) unchanged: it may not use key_id %q yet "+
+			"(it polls the plugin's Status about once a minute); run again later.\n", res.Unchanged, keyID)
+	}
+	if runErr != nil {
+		return fmt.Errorf("migration stopped: %w", runErr)
+	}
+
+	var problems []string
+	if res.Failed > 0 {
+		problems = append(problems, fmt.Sprintf("%d object(s) failed, first: %v", res.Failed, res.Errors[0]))
+	}
+	if !useEtcd || keyID == "" {
+		fmt.Fprintln(out, "Not checked: give --etcd-endpoints and --plugin (or --current-key-id) to check etcd afterwards.")
+	} else {
+		remaining, err := checkEtcd(ctx, out, &f.etcd, resources, etcdOpts)
+		if err != nil {
+			return err
+		}
+		if remaining > 0 && res.Failed == 0 {
+			return &exitError{code: 2, err: fmt.Errorf("%d stale object(s) remain", remaining)}
+		}
+	}
+	if len(problems) > 0 {
+		return errors.New(strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+// loadKubeconfig follows client-go's rules: --kubeconfig, else $KUBECONFIG,
+// else ~/.kube/config, else the in-cluster service account.
+func loadKubeconfig(path, kubeContext string) (*rest.Config, error) {
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	rules.ExplicitPath = path
+	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules,
+		&clientcmd.ConfigOverrides{CurrentContext: kubeContext}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig: %w", err)
+	}
+	cfg.QPS = -1 // migrate.Run limits the rate itself (--qps)
+	cfg.Timeout = 60 * time.Second
+	cfg.UserAgent = "kubekms-migrate/" + version
+	return cfg, nil
+}
+
+func planFromEtcd(ctx context.Context, src *etcdFlags, resources []migrate.Resource, opts migrate.EtcdOptions) (*migrate.Plan, error) {
+	source, err := src.open(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer source.Close()
+	return migrate.PlanFromEtcd(ctx, source, resources, opts)
+}
+
+func printPlan(w io.Writer, plan *migrate.Plan, keyID string) {
+	per := plan.PerResource()
+	var parts []string
+	for _, n := range slices.Sorted(maps.Keys(per)) {
+		parts = append(parts, fmt.Sprintf("%s=%d", n, per[n]))
+	}
+	if len(parts) == 0 {
+		parts = []string{"none"}
+	}
+	if plan.FromEtcd {
+		fmt.Fprintf(w, "Planned %d stale object(s) from etcd (current key_id %q): %s; %d already current\n",
+			len(plan.Targets), keyID, strings.Join(parts, " "), plan.Current)
+	} else {
+		fmt.Fprintf(w, "Planned all %d object(s) listed through the API: %s\n", len(plan.Targets), strings.Join(parts, " "))
+	}
+	if n := len(plan.Unreadable); n > 0 {
+		fmt.Fprintf(w, "Warning: %d value(s) in etcd could not be read and are not planned, first: %s\n", n, plan.Unreadable[0])
+	}
+}
+
+// checkEtcd reads etcd again (at its newest revision) and prints what is
+// still stale; it returns the count.
+func checkEtcd(ctx context.Context, w io.Writer, src *etcdFlags, resources []migrate.Resource, opts migrate.EtcdOptions) (int, error) {
+	source, err := src.open(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("check etcd: %w", err)
+	}
+	defer source.Close()
+	per, keys, err := migrate.Remaining(ctx, source, resources, opts)
+	if err != nil {
+		return 0, fmt.Errorf("check etcd: %w", err)
+	}
+	var parts []string
+	for _, n := range slices.Sorted(maps.Keys(per)) {
+		parts = append(parts, fmt.Sprintf("%s=%d", n, per[n]))
+	}
+	fmt.Fprintf(w, "Check of etcd: %d stale object(s) remain: %s\n", len(keys), strings.Join(parts, " "))
+	for i, k := range keys {
+		if i == 10 {
+			fmt.Fprintf(w, "  ... and %d more\n", len(keys)-10)
+			break
+		}
+		fmt.Fprintln(w, "  "+k)
+	}
+	return len(keys), nil
+}
