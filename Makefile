@@ -12,7 +12,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 RACE_PKGS := ./hierarchy/... ./plugin/... ./keyservice/...
 FUZZTIME ?= 10s
 
-.PHONY: all build run deps test unit lint e2e bench fuzz clean
+.PHONY: all build run deps test unit lint e2e bench fuzz image clean
 
 all: build
 
@@ -23,11 +23,12 @@ build:
 run: build
 	./$(BIN) serve --log-format text
 
-## deps: install the real parts the unit tests use (SoftHSM2, local-kms, etcd).
+## deps: install the real parts the unit tests use (SoftHSM2, local-kms, etcd, promtool, systemd tools).
 deps:
 	hack/install-softhsm.sh
 	hack/install-local-kms.sh
 	hack/cluster-bins.sh etcd
+	hack/install-deploy-tools.sh
 
 ## test: install the test dependencies, then lint and run every unit, real-part and interop test.
 test: deps lint unit
@@ -53,6 +54,12 @@ bench: deps
 ## fuzz: run every fuzz target for FUZZTIME.
 fuzz:
 	hack/fuzz.sh $(FUZZTIME)
+
+CONTAINER_TOOL ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
+IMAGE ?= kubekms:$(VERSION)
+## image: build the container image (needs podman or docker with an engine; this project's machines have none).
+image:
+	$(CONTAINER_TOOL) build -f Containerfile --build-arg VERSION=$(VERSION) -t $(IMAGE) .
 
 clean:
 	rm -rf bin
