@@ -675,26 +675,9 @@ type server struct {
 	cmd     *exec.Cmd
 	sock    string
 	metrics string // http://127.0.0.1:port
-	log     *syncBuffer
+	log     *testutil.SyncBuffer
 	done    chan struct{} // closed when the process has exited
 	waitErr error         // its exit status, once done is closed
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func freePort(t *testing.T) int {
@@ -733,7 +716,7 @@ func rebase(t *testing.T, root string, flags map[string]string, group string) (a
 
 func startServer(t *testing.T, args []string, sock, metricsURL string, cred *syscall.Credential, env []string) *server {
 	t.Helper()
-	s := &server{sock: sock, metrics: metricsURL, log: &syncBuffer{}, done: make(chan struct{})}
+	s := &server{sock: sock, metrics: metricsURL, log: &testutil.SyncBuffer{}, done: make(chan struct{})}
 	s.cmd = exec.Command(kubekms(t), args...)
 	s.cmd.Env = env
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log

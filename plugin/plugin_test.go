@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,36 +21,19 @@ import (
 	kmsapi "k8s.io/kms/apis/v2"
 
 	"github.com/kubekms/kubekms/hierarchy"
+	"github.com/kubekms/kubekms/internal/testutil"
 	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/keyservice/keyservicetest"
 	"github.com/kubekms/kubekms/keyservice/softkey"
 	"github.com/kubekms/kubekms/plugin"
 )
 
-// syncBuffer is a log sink safe for concurrent writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // env is a plugin on a temp socket over a real softkey keyring.
 type env struct {
 	dir     string
 	keyring string
 	svc     *keyservicetest.Counting
-	logs    *syncBuffer
+	logs    *testutil.SyncBuffer
 	socket  string
 	stop    func()
 	v2      kmsapi.KeyManagementServiceClient
@@ -65,7 +47,7 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	e := &env{dir: dir, keyring: filepath.Join(dir, "keyring.json"), logs: &syncBuffer{}, socket: filepath.Join(dir, "kms.sock")}
+	e := &env{dir: dir, keyring: filepath.Join(dir, "keyring.json"), logs: &testutil.SyncBuffer{}, socket: filepath.Join(dir, "kms.sock")}
 	raw, err := softkey.Open(context.Background(), "softkey://"+e.keyring, keyservice.Options{})
 	if err != nil {
 		t.Fatal(err)

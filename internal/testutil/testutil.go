@@ -3,10 +3,12 @@
 package testutil
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
 )
 
@@ -74,4 +76,23 @@ func BuildKubekms(dir string) (string, error) {
 		return "", fmt.Errorf("build kubekms: %w", err)
 	}
 	return bin, nil
+}
+
+// SyncBuffer collects output (logs) written from several goroutines or
+// processes; String is safe to call while writes go on.
+type SyncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *SyncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *SyncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -1,20 +1,19 @@
 package vault_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/vault/api"
 
 	"github.com/kubekms/kubekms/hierarchy/hierarchytest"
+	"github.com/kubekms/kubekms/internal/testutil"
 	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/keyservice/keyservicetest"
 	"github.com/kubekms/kubekms/keyservice/vault"
@@ -40,21 +39,8 @@ func writeFile(t *testing.T, path, content string) string {
 	return path
 }
 
-// syncBuffer collects log output from concurrent goroutines.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string { b.mu.Lock(); defer b.mu.Unlock(); return b.buf.String() }
-
-func debugLogger(buf *syncBuffer) *slog.Logger {
+func debugLogger(buf *testutil.SyncBuffer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
@@ -132,7 +118,7 @@ func (e *standIn) harness() keyservicetest.Harness {
 
 func TestTokenFileReread(t *testing.T) {
 	e := newStandIn(t)
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	svc := open(t, e.uri, debugLogger(&logs))
 	if _, err := svc.Probe(ctx(t)); err != nil {
 		t.Fatal(err)
@@ -179,7 +165,7 @@ func TestAppRoleLogin(t *testing.T) {
 	secretFile := writeFile(t, filepath.Join(e.dir, "secret-id"), secretID)
 	uri := fmt.Sprintf("hcvault://%s/kms/transit/keys/kek?auth=approle&auth-mount=approle-kms&role-id-file=%s&secret-id-file=%s",
 		e.srv.Addr(), roleFile, secretFile)
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	svc := open(t, uri, debugLogger(&logs))
 	res, err := svc.Wrap(ctx(t), keyservicetest.NewKEK(t))
 	if err != nil {

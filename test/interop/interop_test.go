@@ -21,20 +21,19 @@ import (
 	"k8s.io/apiserver/pkg/server/options/encryptionconfig"
 	"k8s.io/apiserver/pkg/storage/value"
 	kmstypes "k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2/v2"
+
+	"github.com/kubekms/kubekms/internal/testutil"
 )
 
 var kubekmsBin string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "kubekms-interop-bin")
-	if err != nil {
-		panic(err)
+	if err == nil {
+		kubekmsBin, err = testutil.BuildKubekms(dir)
 	}
-	kubekmsBin = filepath.Join(dir, "kubekms")
-	build := exec.Command("go", "build", "-o", kubekmsBin, "github.com/kubekms/kubekms/cmd/kubekms")
-	build.Stdout, build.Stderr = os.Stdout, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build kubekms:", err)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	code := m.Run()
