@@ -38,6 +38,7 @@ unit:
 	KUBEKMS_REQUIRE_REAL=1 $(GO) test -count=1 -race -timeout 20m $(RACE_PKGS)
 
 lint:
+	CGO_ENABLED=0 $(GO) build -o /dev/null ./cmd/kubekms
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...

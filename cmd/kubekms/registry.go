@@ -3,7 +3,6 @@ package main
 import (
 	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/keyservice/awskms"
-	"github.com/kubekms/kubekms/keyservice/pkcs11"
 	"github.com/kubekms/kubekms/keyservice/softkey"
 	"github.com/kubekms/kubekms/keyservice/vault"
 )
@@ -12,7 +11,7 @@ import (
 func newRegistry() *keyservice.Registry {
 	r := keyservice.NewRegistry()
 	r.Register(softkey.Scheme, softkey.Open)
-	r.Register("pkcs11", pkcs11.Open)
+	registerPKCS11(r)
 	r.Register(awskms.Scheme, awskms.Open)
 	for _, s := range vault.Schemes() {
 		r.Register(s, vault.Open)
