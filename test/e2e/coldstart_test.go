@@ -1,0 +1,224 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/kubekms/kubekms/test/e2e/cluster"
+)
+
+// coldStartRounds is how many apiserver starts the Secrets are written
+// across: each start makes a new DEK seed, as in a long-lived cluster.
+const coldStartRounds = 4
+
+// coldStartResult is one row of the cold-start table.
+type coldStartResult struct {
+	name             string
+	secrets          int
+	seeds, localKEKs int
+	ready            time.Duration
+	list             time.Duration
+	listed           int
+	decrypt, unwrap  float64
+	encrypted        bool
+}
+
+// TestColdStartEconomics writes N Secrets (-e2e.secrets) across several
+// apiserver starts, restarts the plugin and the apiserver, and LISTs them all: with kubekms, and with the
+// identity provider for comparison. It prints a markdown table.
+func TestColdStartEconomics(t *testing.T) {
+	b := needBinaries(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Minute)
+	defer cancel()
+	n := *secretsN
+	if n < coldStartRounds {
+		t.Fatalf("-e2e.secrets=%d: want at least %d", n, coldStartRounds)
+	}
+	payload := make([]byte, 256)
+	if _, err := rand.Read(payload); err != nil {
+		t.Fatal(err)
+	}
+
+	var kms, ident coldStartResult
+	t.Run("kubekms", func(t *testing.T) { kms = coldStartKMS(ctx, t, b, n, payload) })
+	t.Run("identity", func(t *testing.T) { ident = coldStartIdentity(ctx, t, b, n, payload) })
+
+	var tb strings.Builder
+	fmt.Fprintf(&tb, "\n| provider | Secrets | stored DEK seeds | local KEKs | restart to /readyz | LIST all Secrets | plugin Decrypt calls | key-service unwrap calls |\n")
+	fmt.Fprintf(&tb, "|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, r := range []coldStartResult{kms, ident} {
+		if r.name == "" {
+			continue
+		}
+		seeds, keks, dec, unw := "-", "-", "-", "-"
+		if r.encrypted {
+			seeds, keks = fmt.Sprint(r.seeds), fmt.Sprint(r.localKEKs)
+			dec, unw = fmt.Sprint(r.decrypt), fmt.Sprint(r.unwrap)
+		}
+		fmt.Fprintf(&tb, "| %s | %d | %s | %s | %.1f s | %d ms (%d items) | %s | %s |\n",
+			r.name, r.secrets, seeds, keks, r.ready.Seconds(), r.list.Milliseconds(), r.listed, dec, unw)
+	}
+	t.Logf("MEASURED cold start (%d Secrets of %d bytes, written across %d apiserver starts, 2 CPUs):%s", n, len(payload), coldStartRounds, tb.String())
+}
+
+func coldStartKMS(ctx context.Context, t *testing.T, b binaries, n int, payload []byte) coldStartResult {
+	c := startKMSCluster(ctx, t, b)
+	const ns = "e2e-cold"
+	if err := ensureNamespace(ctx, c.api.Client, ns); err != nil {
+		t.Fatal(err)
+	}
+	for round := range coldStartRounds {
+		if round > 0 {
+			if _, err := c.api.Restart(ctx, c.opts); err != nil {
+				t.Fatal(err)
+			}
+		}
+		lo, hi := round*n/coldStartRounds, (round+1)*n/coldStartRounds
+		if err := writeSecrets(ctx, c.api.Client, ns, lo, hi, payload); err != nil {
+			t.Fatal(err)
+		}
+	}
+	all := storedEncrypted(ctx, t, c.etcd)
+	seeds, keks := seedStats(all)
+	for _, s := range all {
+		if strings.HasPrefix(s.Key, "/registry/secrets/"+ns+"/") && (s.Format != "kms-v2:kubekms" || leaks(s.Raw, string(payload))) {
+			t.Fatalf("%s: stored as %s or with plaintext", s.Key, s.Format)
+		}
+	}
+
+	// A cold start of the control plane: the plugin restarts too, so its
+	// counters (since process start) cover exactly the apiserver's start.
+	if err := c.api.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.plugin.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.plugin.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ready, err := c.api.Start(ctx, c.opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, listed := listSecrets(ctx, t, c.api.Client, ns, n, payload)
+	d, err := c.plugin.Counts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.V2Decrypt < 1 || d.V2Decrypt > float64(maxDecryptsPerSeed*seeds) {
+		t.Errorf("cold start made %v Decrypt calls for %d stored seeds: want between 1 and %d per seed", d.V2Decrypt, seeds, maxDecryptsPerSeed)
+	}
+	if d.V2Decrypt >= float64(n) {
+		t.Errorf("cold start made %v Decrypt calls for %d Secrets: the apiserver should decrypt seeds, not objects", d.V2Decrypt, n)
+	}
+	if d.Unwrap < 1 || d.Unwrap > float64(keks) {
+		t.Errorf("restarted plugin made %v key-service unwrap calls for %d local KEKs: want at least one and at most one per local KEK", d.Unwrap, keks)
+	}
+	if d.Failed != 0 {
+		t.Errorf("plugin answered %v calls with an error code", d.Failed)
+	}
+	return coldStartResult{name: "kms v2 (kubekms, softkey)", secrets: n, seeds: seeds, localKEKs: keks, ready: ready,
+		list: list, listed: listed, decrypt: d.V2Decrypt, unwrap: d.Unwrap, encrypted: true}
+}
+
+func coldStartIdentity(ctx context.Context, t *testing.T, b binaries, n int, payload []byte) coldStartResult {
+	etcd, err := cluster.StartEtcd(ctx, t, b.etcd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	api, err := cluster.NewAPIServer(t, b.apiserver, etcd.Endpoint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := cluster.StartOptions{EncryptionConfig: cluster.EncryptionConfig(cluster.Identity)}
+	if _, err := api.Start(ctx, opts); err != nil {
+		t.Fatal(err)
+	}
+	const ns = "e2e-cold"
+	if err := ensureNamespace(ctx, api.Client, ns); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeSecrets(ctx, api.Client, ns, 0, n, payload); err != nil {
+		t.Fatal(err)
+	}
+	ready, err := api.Restart(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, listed := listSecrets(ctx, t, api.Client, ns, n, payload)
+	return coldStartResult{name: "identity (no encryption)", secrets: n, ready: ready, list: list, listed: listed}
+}
+
+// writeSecrets creates Secrets cold-lo .. cold-(hi-1) with 8 writers.
+func writeSecrets(ctx context.Context, c kubernetes.Interface, ns string, lo, hi int, payload []byte) error {
+	idx := make(chan int)
+	errs := make(chan error, 8)
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range idx {
+				_, err := c.CoreV1().Secrets(ns).Create(ctx, &corev1.Secret{
+					ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("cold-%d", i)},
+					Data:       map[string][]byte{"payload": payload},
+				}, metav1.CreateOptions{})
+				if err != nil {
+					errs <- fmt.Errorf("create secret cold-%d: %w", i, err)
+					return
+				}
+			}
+		}()
+	}
+	var err error
+feed:
+	for i := lo; i < hi; i++ {
+		select {
+		case idx <- i:
+		case err = <-errs:
+			break feed
+		}
+	}
+	close(idx)
+	wg.Wait()
+	if err == nil {
+		select {
+		case err = <-errs:
+		default:
+		}
+	}
+	return err
+}
+
+// listSecrets LISTs the namespace once, timed, and checks every item.
+func listSecrets(ctx context.Context, t *testing.T, c kubernetes.Interface, ns string, n int, payload []byte) (time.Duration, int) {
+	t.Helper()
+	start := time.Now()
+	l, err := c.CoreV1().Secrets(ns).List(ctx, metav1.ListOptions{})
+	took := time.Since(start)
+	if err != nil {
+		t.Fatalf("list secrets: %v", err)
+	}
+	if len(l.Items) != n {
+		t.Errorf("LIST returned %d Secrets, want %d", len(l.Items), n)
+	}
+	for _, s := range l.Items {
+		if string(s.Data["payload"]) != string(payload) {
+			t.Errorf("secret %s: payload differs from what was written", s.Name)
+			break
+		}
+	}
+	return took, len(l.Items)
+}
