@@ -2,9 +2,9 @@ package plugin
 
 import (
 	"fmt"
-	"strings"
 
 	"k8s.io/apimachinery/pkg/util/validation"
+	"k8s.io/apimachinery/pkg/util/validation/field"
 
 	"github.com/kubekms/kubekms/hierarchy"
 )
@@ -29,22 +29,18 @@ func checkKeyID(keyID string) error {
 	return nil
 }
 
-// checkAnnotations applies the apiserver's rules: keys are fully qualified
-// DNS names, not under the reserved suffix, and keys plus values fit 32 KiB.
+// checkAnnotations applies the apiserver's rules (kmsv2 validateAnnotations):
+// keys are fully qualified domain names, and keys plus values fit 32 KiB.
 func checkAnnotations(annotations map[string][]byte) error {
 	total := 0
 	for k, v := range annotations {
-		if k == hierarchy.AnnotationKey { // ours, known valid: skip the regexp on the hot path
-			total += len(k) + len(v)
+		total += len(k) + len(v)
+		if k == hierarchy.AnnotationKey { // ours, known valid: skip the regexps on the hot path
 			continue
 		}
-		if errs := validation.IsDNS1123Subdomain(k); len(errs) > 0 || !strings.Contains(k, ".") {
-			return fmt.Errorf("annotation key %q is not a fully qualified domain name", k)
+		if errs := validation.IsFullyQualifiedDomainName(field.NewPath("annotations"), k); len(errs) > 0 {
+			return fmt.Errorf("annotation key %q is not a fully qualified domain name: %v", k, errs.ToAggregate())
 		}
-		if strings.HasSuffix(k, ".reference.encryption.k8s.io") {
-			return fmt.Errorf("annotation key %q uses the reserved suffix", k)
-		}
-		total += len(k) + len(v)
 	}
 	if total > hierarchy.MaxAnnotations {
 		return fmt.Errorf("annotations are %d bytes (at most %d)", total, hierarchy.MaxAnnotations)
