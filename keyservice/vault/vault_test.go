@@ -39,7 +39,6 @@ func writeFile(t *testing.T, path, content string) string {
 	return path
 }
 
-
 func debugLogger(buf *testutil.SyncBuffer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
