@@ -13,6 +13,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"google.golang.org/protobuf/encoding/protowire"
 )
@@ -72,7 +73,7 @@ func OpenFile(ctx context.Context, path string, prefix []byte) (Source, error) {
 	}
 	db, err := bolt.Open(path, 0o400, &bolt.Options{ReadOnly: true, Timeout: 2 * time.Second})
 	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
+		if errors.Is(err, bolterrors.ErrTimeout) {
 			return nil, fmt.Errorf("etcd snapshot %s is locked (is an etcd server using it?): %w", path, err)
 		}
 		return nil, fmt.Errorf("open etcd snapshot %s: %w", path, err)
