@@ -110,11 +110,12 @@ build_etcd() {
 prebuilt ETCD etcd || build_etcd etcd go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3
 prebuilt ETCDCTL etcdctl || build_etcd etcdctl go.etcd.io/etcd/etcdctl/v3 go.etcd.io/etcd/etcdctl/v3
 if [ "${1:-all}" = etcd ]; then # `cluster-bins.sh etcd`: only what the unit tests need
-  "$BIN/etcd" --version | head -1
+  "$BIN/etcd" --version | sed -n 1p
   exit 0
 fi
 prebuilt KUBE_APISERVER kube-apiserver || build_kube_apiserver
 
 "$BIN/kube-apiserver" --version
-"$BIN/etcd" --version | head -1
-"$BIN/etcdctl" version | head -1
+# sed, not head: head would close the pipe early and SIGPIPE the writer under pipefail.
+"$BIN/etcd" --version | sed -n 1p
+"$BIN/etcdctl" version | sed -n 1p

@@ -17,4 +17,4 @@ if [ ! -x "$bin/promtool" ]; then
 	dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
 	install -m 0755 "$tmp/x/usr/bin/promtool" "$bin/promtool"
 fi
-"$bin/promtool" --version | head -1
+"$bin/promtool" --version | sed -n 1p  # sed reads all: head would SIGPIPE the writer under pipefail
