@@ -9,7 +9,7 @@ BIN := bin/kubekms
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Packages with concurrency run again under the race detector.
-RACE_PKGS := ./hierarchy/... ./plugin/... ./keyservice/...
+RACE_PKGS := ./hierarchy/... ./plugin/... ./keyservice/... ./envelope/ ./migrate/ ./snapshot/ ./inventory/ ./cmd/kubekms/
 FUZZTIME ?= 10s
 
 .PHONY: all build run deps test unit lint e2e bench fuzz image clean
