@@ -42,6 +42,50 @@ func RunBackend(t *testing.T, h keyservicetest.Harness) {
 	if h.Disable != nil {
 		t.Run("HierarchyRevocation", func(t *testing.T) { testRevocation(t, h) })
 	}
+	if h.Rotate != nil && h.RevokeVersion != nil {
+		t.Run("HierarchyOldVersionRevocation", func(t *testing.T) { testOldVersionRevocation(t, h) })
+	}
+}
+
+// testOldVersionRevocation: after a rotation, revoking the old key version
+// (the current one stays usable) stops the cached local KEK it wrapped from
+// decrypting within the revocation bound, with no cache miss needed.
+func testOldVersionRevocation(t *testing.T, h keyservicetest.Harness) {
+	svc := h.Open(t) // not the counting wrapper: it would hide the service's VersionChecker
+	t.Cleanup(func() { _ = svc.Close() })
+	if _, ok := svc.(keyservice.VersionChecker); !ok {
+		t.Fatal("the harness sets RevokeVersion but the service does not implement keyservice.VersionChecker")
+	}
+	const bound = 200 * time.Millisecond
+	hy := open(t, svc, hierarchy.Config{ProbeInterval: time.Hour, RevocationBound: bound, RemoteTimeout: 3 * time.Second})
+	old, _ := roundTrip(t, hy)
+	h.Rotate(t)
+	deadline := time.Now().Add(20 * time.Second)
+	var fresh hierarchy.Sealed
+	var freshPlain []byte
+	for {
+		fresh, freshPlain = roundTrip(t, hy)
+		if fresh.KeyID != old.KeyID {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the rotation never reached Encrypt")
+		}
+		time.Sleep(2 * bound)
+	}
+	h.RevokeVersion(t, old.KeyID)
+	for {
+		_, err := hy.Decrypt(context.Background(), old.KeyID, old.Ciphertext, old.Annotations)
+		if keyservice.Classify(err) == keyservice.ClassRevoked {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("data under the revoked version still decrypts (err %v)", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	mustDecrypt(t, hy, fresh, freshPlain) // the current version is untouched
+	roundTrip(t, hy)
 }
 
 func seed(t *testing.T) []byte {

@@ -179,36 +179,59 @@ func (s *service) Unwrap(ctx context.Context, keyID string, wrapped []byte) ([]b
 }
 
 func (s *service) Probe(ctx context.Context) (string, error) {
-	out, err := s.client.DescribeKey(ctx, &kms.DescribeKeyInput{KeyId: aws.String(s.key)})
+	arn, err := s.describe(ctx, "probe", s.key)
 	if err != nil {
-		return "", classify("probe", fmt.Errorf("KMS DescribeKey %s: %w", s.key, err))
-	}
-	md := out.KeyMetadata
-	if md == nil {
-		return "", fmt.Errorf("KMS DescribeKey %s returned no key metadata", s.key)
-	}
-	arn := aws.ToString(md.Arn)
-	switch md.KeyState {
-	case types.KeyStateEnabled:
-	case types.KeyStateDisabled, types.KeyStatePendingDeletion, types.KeyStatePendingImport,
-		types.KeyStatePendingReplicaDeletion, types.KeyStateUnavailable:
-		return "", keyservice.Revoked("probe", fmt.Errorf("KMS key %s is %s", arn, md.KeyState))
-	case types.KeyStateCreating, types.KeyStateUpdating:
-		return "", keyservice.Transient("probe", fmt.Errorf("KMS key %s is %s", arn, md.KeyState))
-	default:
-		return "", fmt.Errorf("KMS key %s is in unknown state %q", arn, md.KeyState)
-	}
-	if md.KeyUsage != "" && md.KeyUsage != types.KeyUsageTypeEncryptDecrypt {
-		return "", keyservice.Invalid("probe", fmt.Errorf("KMS key %s has key usage %s, want %s", arn, md.KeyUsage, types.KeyUsageTypeEncryptDecrypt))
-	}
-	if md.KeySpec != "" && md.KeySpec != types.KeySpecSymmetricDefault {
-		return "", keyservice.Invalid("probe", fmt.Errorf("KMS key %s has key spec %s, want %s", arn, md.KeySpec, types.KeySpecSymmetricDefault))
+		return "", err
 	}
 	id, err := s.keyID(arn)
 	if err != nil {
 		return "", fmt.Errorf("KMS DescribeKey %s: %w", s.key, err)
 	}
 	return id, nil
+}
+
+// CheckKeyID describes the key behind an older key ID (DescribeKey, no paid
+// crypto call): after "point the alias at a new key", disabling or
+// scheduling the deletion of the old key then cuts access to the data it
+// protected within the plugin's revocation bound (keyservice.VersionChecker).
+func (s *service) CheckKeyID(ctx context.Context, keyID string) error {
+	arn, err := keyARN(keyID)
+	if err != nil {
+		return keyservice.Invalid("check", err)
+	}
+	_, err = s.describe(ctx, "check", arn)
+	return err
+}
+
+// describe returns the ARN of key if the key is usable for encryption,
+// or a classified error saying why not.
+func (s *service) describe(ctx context.Context, op, key string) (string, error) {
+	out, err := s.client.DescribeKey(ctx, &kms.DescribeKeyInput{KeyId: aws.String(key)})
+	if err != nil {
+		return "", classify(op, fmt.Errorf("KMS DescribeKey %s: %w", key, err))
+	}
+	md := out.KeyMetadata
+	if md == nil {
+		return "", fmt.Errorf("KMS DescribeKey %s returned no key metadata", key)
+	}
+	arn := aws.ToString(md.Arn)
+	switch md.KeyState {
+	case types.KeyStateEnabled:
+	case types.KeyStateDisabled, types.KeyStatePendingDeletion, types.KeyStatePendingImport,
+		types.KeyStatePendingReplicaDeletion, types.KeyStateUnavailable:
+		return "", keyservice.Revoked(op, fmt.Errorf("KMS key %s is %s", arn, md.KeyState))
+	case types.KeyStateCreating, types.KeyStateUpdating:
+		return "", keyservice.Transient(op, fmt.Errorf("KMS key %s is %s", arn, md.KeyState))
+	default:
+		return "", fmt.Errorf("KMS key %s is in unknown state %q", arn, md.KeyState)
+	}
+	if md.KeyUsage != "" && md.KeyUsage != types.KeyUsageTypeEncryptDecrypt {
+		return "", keyservice.Invalid(op, fmt.Errorf("KMS key %s has key usage %s, want %s", arn, md.KeyUsage, types.KeyUsageTypeEncryptDecrypt))
+	}
+	if md.KeySpec != "" && md.KeySpec != types.KeySpecSymmetricDefault {
+		return "", keyservice.Invalid(op, fmt.Errorf("KMS key %s has key spec %s, want %s", arn, md.KeySpec, types.KeySpecSymmetricDefault))
+	}
+	return arn, nil
 }
 
 // Close drops idle connections; the client holds nothing else.

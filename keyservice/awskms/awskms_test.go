@@ -133,6 +133,19 @@ func harness(t *testing.T, srv *localkms.Server) keyservicetest.Harness {
 		},
 		Stop:  func(t *testing.T) { srv.Stop(t) },
 		Start: func(t *testing.T) { srv.Start(t) },
+		// After "point the alias at a new key", the operator disables the old key.
+		RevokeVersion: func(t *testing.T, keyID string) {
+			arn, err := keyARN(keyID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := admin.DisableKey(testCtx(t), &kms.DisableKeyInput{KeyId: aws.String(arn)}); err != nil {
+				t.Fatalf("DisableKey: %v", err)
+			}
+			t.Cleanup(func() {
+				_, _ = admin.EnableKey(context.Background(), &kms.EnableKeyInput{KeyId: aws.String(arn)})
+			})
+		},
 	}
 }
 

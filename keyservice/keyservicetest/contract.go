@@ -27,6 +27,11 @@ type Harness struct {
 	Disable, Enable func(t *testing.T)
 	// Stop makes the server unreachable; Start brings it back.
 	Stop, Start func(t *testing.T)
+	// RevokeVersion makes the key version behind keyID (an older one, after
+	// Rotate) unusable while the current one stays usable: a disabled softkey
+	// version, a disabled AWS key the alias no longer points at. Set it for
+	// backends that implement keyservice.VersionChecker.
+	RevokeVersion func(t *testing.T, keyID string)
 }
 
 // Run runs the contract.

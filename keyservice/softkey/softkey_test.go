@@ -35,6 +35,21 @@ func harness(path string) keyservicetest.Harness {
 		Enable:  func(t *testing.T) { setAll(t, path, false) },
 		Stop:    func(t *testing.T) { mustRename(t, path, path+".away") },
 		Start:   func(t *testing.T) { mustRename(t, path+".away", path) },
+		RevokeVersion: func(t *testing.T, keyID string) {
+			ring, err := softkey.Load(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, v := range ring.Versions {
+				if ring.KeyID(v.Version) == keyID {
+					if _, err := softkey.SetDisabled(path, v.Version, true); err != nil {
+						t.Fatal(err)
+					}
+					return
+				}
+			}
+			t.Fatalf("no version has key ID %q", keyID)
+		},
 	}
 }
 
