@@ -188,6 +188,24 @@ func (s *Service) Unwrap(ctx context.Context, keyID string, wrapped []byte) ([]b
 	return plaintext, err
 }
 
+// CheckKeyID looks the key object behind an older key ID up on the token
+// (C_FindObjects and attribute reads, no crypto), bypassing the handle cache:
+// once an operator deletes an old key, the plugin drops the local KEKs it
+// wrapped within its revocation bound (keyservice.VersionChecker).
+func (s *Service) CheckKeyID(ctx context.Context, keyID string) error {
+	ref, err := parseKeyID(keyID)
+	if err != nil {
+		return keyservice.Invalid("check", err)
+	}
+	return s.run(ctx, "check", func(c *call) error {
+		s.mu.Lock()
+		delete(s.handles, keyID)
+		s.mu.Unlock()
+		_, err := c.keyByRef(keyID, ref)
+		return err
+	})
+}
+
 // Close closes this service's sessions and releases the module.
 func (s *Service) Close() error {
 	s.closeOnce.Do(func() {

@@ -32,6 +32,14 @@ func harness(h *softHSM) keyservicetest.Harness {
 		},
 		Stop:  func(t *testing.T) { h.stop() },
 		Start: func(t *testing.T) { h.start() },
+		// Revoking an old key version on an HSM = deleting that key object.
+		RevokeVersion: func(t *testing.T, keyID string) {
+			ref, err := parseKeyID(keyID)
+			if err != nil || len(ref.ID) != 1 {
+				t.Fatalf("key ID %q: %v", keyID, err)
+			}
+			h.deleteKey(int(ref.ID[0]))
+		},
 	}
 }
 
