@@ -65,7 +65,7 @@ embedded keyring file (softkey), created on first use.`,
 	fl.DurationVar(&f.hier.OutageGrace, "outage-grace", time.Hour, "how long to serve from cache while the key service is unreachable")
 	fl.DurationVar(&f.hier.RevocationBound, "revocation-bound", time.Minute, "longest time to drop local KEKs after the key is revoked")
 	fl.IntVar(&f.hier.MaxConcurrentRemote, "max-concurrent-remote", 16, "concurrent remote key-service calls")
-	fl.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics and /healthz /livez /readyz on this address (e.g. 127.0.0.1:9595); off when empty")
+	fl.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics and /healthz /livez /readyz on this address (\":9595\" means 127.0.0.1:9595); off when empty")
 	fl.StringVar(&f.otlpEndpoint, "otlp-endpoint", "", "export OpenTelemetry traces over OTLP/gRPC to host:port; off when empty")
 	fl.BoolVar(&f.otlpInsecure, "otlp-insecure", true, "send OTLP without TLS (for a collector on loopback)")
 	fl.StringVar(&f.logFormat, "log-format", "json", "log format: json or text")
@@ -178,7 +178,7 @@ func serveHTTP(addr string, reg *prometheus.Registry, h *hierarchy.Hierarchy, lo
 		}
 		fmt.Fprintln(w, "ok")
 	})
-	l, err := net.Listen("tcp", addr)
+	l, err := net.Listen("tcp", loopbackDefault(addr))
 	if err != nil {
 		return nil, fmt.Errorf("--metrics-addr: %w", err)
 	}
@@ -193,4 +193,15 @@ func serveHTTP(addr string, reg *prometheus.Registry, h *hierarchy.Hierarchy, lo
 		defer cancel()
 		_ = srv.Shutdown(ctx)
 	}, nil
+}
+
+// loopbackDefault binds an address without a host (":9595") to loopback:
+// metrics and probes stay on the node unless a host is named explicitly
+// (e.g. "0.0.0.0:9595").
+func loopbackDefault(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || host != "" {
+		return addr
+	}
+	return net.JoinHostPort("127.0.0.1", port)
 }

@@ -134,3 +134,16 @@ func TestServe(t *testing.T) {
 		t.Fatalf("socket left after shutdown: %v", err)
 	}
 }
+
+func TestMetricsAddrDefaultsToLoopback(t *testing.T) {
+	for in, want := range map[string]string{
+		":9595":          "127.0.0.1:9595",
+		"127.0.0.1:9595": "127.0.0.1:9595",
+		"0.0.0.0:9595":   "0.0.0.0:9595",
+		"[::1]:9595":     "[::1]:9595",
+	} {
+		if got := loopbackDefault(in); got != want {
+			t.Errorf("loopbackDefault(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
