@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,31 +21,21 @@ import (
 	"github.com/kubekms/kubekms/snapshot"
 )
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // startEtcd runs a real single-member etcd on 127.0.0.1 in a temp dir and
 // returns a connected client. The process group is killed when the test ends.
 func startEtcd(t *testing.T) *clientv3.Client {
 	t.Helper()
 	bin := testutil.Binary(t, "ETCD", "etcd")
 	dir := t.TempDir()
-	client := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
-	peer := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	client := fmt.Sprintf("http://127.0.0.1:%d", testutil.FreePort(t))
+	peer := fmt.Sprintf("http://127.0.0.1:%d", testutil.FreePort(t))
 	cmd := exec.Command(bin,
 		"--name", "kubekms-test",
 		"--data-dir", filepath.Join(dir, "data"),
 		"--listen-client-urls", client, "--advertise-client-urls", client,
 		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
 		"--initial-cluster", "kubekms-test="+peer,
-		"--listen-metrics-urls", fmt.Sprintf("http://127.0.0.1:%d", freePort(t)),
+		"--listen-metrics-urls", fmt.Sprintf("http://127.0.0.1:%d", testutil.FreePort(t)),
 		"--unsafe-no-fsync", "--log-level", "error")
 	logf, err := os.Create(filepath.Join(dir, "etcd.log"))
 	if err != nil {

@@ -680,16 +680,6 @@ type server struct {
 	waitErr error         // its exit status, once done is closed
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // rebase moves the artifact's host paths under root (/var/run folded into
 // /run, as on the host), points metrics at a free loopback port and replaces
 // the socket group.
@@ -704,7 +694,7 @@ func rebase(t *testing.T, root string, flags map[string]string, group string) (a
 	out["listen"] = "unix://" + sock
 	out["key-uri"] = "softkey://" + under(softkeyPath(t, "args", flags["key-uri"]))
 	out["state-file"] = under(flags["state-file"])
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	out["metrics-addr"] = fmt.Sprintf("127.0.0.1:%d", port)
 	out["socket-group"] = group
 	args = []string{"serve"}

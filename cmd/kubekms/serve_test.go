@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -15,16 +14,9 @@ import (
 	kmsservice "k8s.io/kms/pkg/service"
 
 	"github.com/kubekms/kubekms/envelope/kmsclient"
-)
 
-func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+	"github.com/kubekms/kubekms/internal/testutil"
+)
 
 func get(t *testing.T, url string) (int, string) {
 	t.Helper()
@@ -48,7 +40,7 @@ func TestServe(t *testing.T) {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	sock := filepath.Join(dir, "run", "kms.sock")
 	keyring := filepath.Join(dir, "keyring.json")
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	addr := fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	cmd := newRootCmd()

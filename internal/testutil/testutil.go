@@ -5,6 +5,7 @@ package testutil
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -95,4 +96,31 @@ func (s *SyncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// FreePort returns a TCP port that was free on 127.0.0.1 a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// MainWithKubekms is a TestMain body for packages that drive the real
+// binary: it builds ./cmd/kubekms into a temp folder, stores its path in
+// *bin, runs the tests and removes the folder. It returns the exit code.
+func MainWithKubekms(m *testing.M, bin *string) int {
+	dir, err := os.MkdirTemp("", "kubekms-test-bin")
+	if err == nil {
+		*bin, err = BuildKubekms(dir)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	return m.Run()
 }

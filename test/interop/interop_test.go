@@ -27,19 +27,7 @@ import (
 
 var kubekmsBin string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "kubekms-interop-bin")
-	if err == nil {
-		kubekmsBin, err = testutil.BuildKubekms(dir)
-	}
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(testutil.MainWithKubekms(m, &kubekmsBin)) }
 
 // Backend is one key service the suite runs kubekms on.
 type Backend struct {
