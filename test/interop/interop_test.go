@@ -89,7 +89,7 @@ func startPlugin(t *testing.T, dir string, d Deployment) *plugin {
 	cmd.Env = pluginEnv(d.Env)
 	logs := &bytes.Buffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL} // dies with the test binary, even on -timeout
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

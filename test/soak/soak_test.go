@@ -63,7 +63,7 @@ func (e *env) start(t *testing.T) {
 		"--state-file", filepath.Join(e.dir, "state.json"), "--probe-interval", "200ms",
 		"--revocation-bound", "500ms", "--outage-grace", "1h", "--log-level", "warn")
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL} // dies with the test binary, even on -timeout
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
