@@ -265,3 +265,13 @@ func (o *scanned) check() error {
 	}
 	return nil
 }
+
+// IsCurrent reports whether an encrypted value is stored the way the
+// apiserver writes it today under currentKeyID: KMS v2, that key_id, seed
+// mode. Anything else encrypted is stale and needs a rewrite (a storage
+// migration); inventory counts and migrate rewrites by this one rule.
+// keyID is a string or the []byte of a RawHeader (compared without a copy).
+func IsCurrent[K ~string | ~[]byte](kind Kind, keyID K, typ kmstypes.EncryptedDEKSourceType, currentKeyID string) bool {
+	return kind == KindKMSv2 && string(keyID) == currentKeyID &&
+		typ == kmstypes.EncryptedDEKSourceType_HKDF_SHA256_XNONCE_AES_GCM_SEED
+}

@@ -11,8 +11,6 @@ import (
 	"slices"
 	"strings"
 
-	kmstypes "k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2/v2"
-
 	"github.com/kubekms/kubekms/envelope"
 	"github.com/kubekms/kubekms/snapshot"
 )
@@ -123,8 +121,7 @@ func Scan(ctx context.Context, src snapshot.Source, opts Options) (*Report, erro
 		if h.Kind == envelope.KindKMSv2 {
 			r.keyIDs.add(h.KeyID)
 		}
-		if opts.CurrentKeyID != "" && (h.Kind != envelope.KindKMSv2 || string(h.KeyID) != opts.CurrentKeyID ||
-			h.DEKSourceType != kmstypes.EncryptedDEKSourceType_HKDF_SHA256_XNONCE_AES_GCM_SEED) {
+		if opts.CurrentKeyID != "" && !envelope.IsCurrent(h.Kind, h.KeyID, h.DEKSourceType, opts.CurrentKeyID) {
 			r.Stale++
 		}
 		return nil

@@ -8,7 +8,6 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
-	kmstypes "k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2/v2"
 	"k8s.io/client-go/metadata"
 	"k8s.io/client-go/tools/pager"
 
@@ -66,15 +65,14 @@ type EtcdOptions struct {
 }
 
 // Stale reports whether a stored value needs a rewrite to be under
-// currentKeyID: the same judgement as inventory's Stale (an encrypted value
-// that is not KMS v2 under currentKeyID in seed mode), plus unencrypted
-// values when includePlaintext is set.
+// currentKeyID: an encrypted value that is not current (envelope.IsCurrent,
+// the rule inventory counts by), plus unencrypted values when
+// includePlaintext is set.
 func Stale(h envelope.Header, currentKeyID string, includePlaintext bool) bool {
 	if !h.Kind.Encrypted() {
 		return includePlaintext
 	}
-	return h.Kind != envelope.KindKMSv2 || h.KeyID != currentKeyID ||
-		h.DEKSourceType != kmstypes.EncryptedDEKSourceType_HKDF_SHA256_XNONCE_AES_GCM_SEED
+	return !envelope.IsCurrent(h.Kind, h.KeyID, h.DEKSourceType, currentKeyID)
 }
 
 // PlanFromEtcd reads the envelope headers of every object of resources from
