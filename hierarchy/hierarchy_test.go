@@ -450,3 +450,30 @@ func TestRevokedOldVersionIsShredded(t *testing.T) {
 	}
 	decrypt(t, h, fresh) // the current version is untouched
 }
+
+// TestStateUseReservationSurvivesRestart: the saved use count is reserved
+// ahead of the seals, so a restart never resets a local KEK's count. With
+// MaxUses 100,000, after 70,000 seals the saved reservation (131,072) is over
+// the bound and the restarted hierarchy makes a new local KEK instead of
+// restoring one that could then seal 100,000 more.
+func TestStateUseReservationSurvivesRestart(t *testing.T) {
+	f := newFixture(t)
+	cfg := f.config()
+	cfg.State = f.state
+	cfg.MaxUses = 100_000
+	h1 := f.open(t, cfg)
+	var first hierarchy.Sealed
+	for i := range 70_000 {
+		s := encrypt(t, h1)
+		if i == 0 {
+			first = s
+		}
+	}
+	h1.Close()
+	h2 := f.open(t, cfg)
+	s := encrypt(t, h2)
+	if bytes.Equal(s.Annotations[hierarchy.AnnotationKey], first.Annotations[hierarchy.AnnotationKey]) {
+		t.Fatal("a restart restored a local KEK that had used 70,000 of 100,000 seals as if it had used 65,536 or fewer")
+	}
+	decrypt(t, h2, first)
+}
