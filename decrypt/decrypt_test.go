@@ -14,7 +14,7 @@ import (
 
 	"github.com/kubekms/kubekms/decrypt"
 	"github.com/kubekms/kubekms/envelope"
-	"github.com/kubekms/kubekms/envelope/kmsclient"
+	"github.com/kubekms/kubekms/envelope/envelopetest"
 	"github.com/kubekms/kubekms/inventory"
 	"github.com/kubekms/kubekms/snapshot"
 	"github.com/kubekms/kubekms/snapshot/snapshottest"
@@ -34,16 +34,6 @@ func writeSnapshot(t *testing.T, kvs []kv) string {
 		t.Fatal(err)
 	}
 	return path
-}
-
-func dial(t *testing.T, endpoint string) *kmsclient.Client {
-	t.Helper()
-	c, err := kmsclient.Dial(endpoint, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
 }
 
 // checkInventory asserts the exact counts of the fixture.
@@ -140,7 +130,7 @@ func TestRecoverFromSnapshotFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sum, err := decrypt.Run(ctx, src, envelope.NewOpener(dial(t, f.endpoint)), sink, decrypt.Options{})
+	sum, err := decrypt.Run(ctx, src, envelope.NewOpener(envelopetest.Dial(t, f.endpoint)), sink, decrypt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,7 +139,7 @@ func TestRecoverFromSnapshotFile(t *testing.T) {
 	// A destroyed key version: its objects are reported, the others recovered.
 	f.plugin.Forget("key-1")
 	var stream bytes.Buffer
-	sum, err = decrypt.Run(ctx, src, envelope.NewOpener(dial(t, f.endpoint)), decrypt.StreamSink{W: &stream},
+	sum, err = decrypt.Run(ctx, src, envelope.NewOpener(envelopetest.Dial(t, f.endpoint)), decrypt.StreamSink{W: &stream},
 		decrypt.Options{Resource: "secrets"})
 	if err != nil {
 		t.Fatal(err)
@@ -174,7 +164,7 @@ func TestSelection(t *testing.T) {
 	}
 	defer src.Close()
 	var stream bytes.Buffer
-	sum, err := decrypt.Run(context.Background(), src, envelope.NewOpener(dial(t, f.endpoint)), decrypt.StreamSink{W: &stream},
+	sum, err := decrypt.Run(context.Background(), src, envelope.NewOpener(envelopetest.Dial(t, f.endpoint)), decrypt.StreamSink{W: &stream},
 		decrypt.Options{Resource: "secrets", Namespace: "team-b", Name: "new-2"})
 	if err != nil {
 		t.Fatal(err)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/kubekms/kubekms/decrypt"
 	"github.com/kubekms/kubekms/envelope"
+	"github.com/kubekms/kubekms/envelope/envelopetest"
 	"github.com/kubekms/kubekms/internal/testutil"
 	"github.com/kubekms/kubekms/inventory"
 	"github.com/kubekms/kubekms/snapshot"
@@ -142,7 +143,7 @@ func TestRealEtcdSnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sum, err := decrypt.Run(ctx, src, envelope.NewOpener(dial(t, f.endpoint)), sink, decrypt.Options{})
+	sum, err := decrypt.Run(ctx, src, envelope.NewOpener(envelopetest.Dial(t, f.endpoint)), sink, decrypt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,8 @@ import (
 	"k8s.io/apiserver/pkg/server/options/encryptionconfig"
 	"k8s.io/apiserver/pkg/storage/value"
 	kmsservice "k8s.io/kms/pkg/service"
+
+	"github.com/kubekms/kubekms/envelope/kmsclient"
 )
 
 // AnnotationKey is the annotation the test plugin adds to every Encrypt answer.
@@ -190,3 +192,14 @@ resources:
 
 // Secrets is the GroupResource of core secrets.
 var Secrets = schema.GroupResource{Resource: "secrets"}
+
+// Dial returns a KMS v2 client for endpoint, closed when the test ends.
+func Dial(t testing.TB, endpoint string) *kmsclient.Client {
+	t.Helper()
+	c, err := kmsclient.Dial(endpoint, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}

@@ -15,18 +15,7 @@ import (
 
 	"github.com/kubekms/kubekms/envelope"
 	"github.com/kubekms/kubekms/envelope/envelopetest"
-	"github.com/kubekms/kubekms/envelope/kmsclient"
 )
-
-func dial(t *testing.T, endpoint string) *kmsclient.Client {
-	t.Helper()
-	c, err := kmsclient.Dial(endpoint, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
 
 func write(t *testing.T, tr value.Transformer, key string, plaintext []byte) []byte {
 	t.Helper()
@@ -64,7 +53,7 @@ func TestApiserverWritesKubekmsReads(t *testing.T) {
 	}
 
 	callsBefore := plugin.DecryptCalls()
-	op := envelope.NewOpener(dial(t, endpoint))
+	op := envelope.NewOpener(envelopetest.Dial(t, endpoint))
 	for _, s := range all {
 		h, err := envelope.ParseHeader(s.val)
 		if err != nil {
@@ -101,7 +90,7 @@ func TestKubekmsWritesApiserverReads(t *testing.T) {
 	plugin := envelopetest.NewPlugin()
 	endpoint := envelopetest.Serve(t, plugin)
 	const provider = "interop-write"
-	client := dial(t, endpoint)
+	client := envelopetest.Dial(t, endpoint)
 	ctx := context.Background()
 
 	if _, err := client.Status(ctx); err != nil {
@@ -160,7 +149,7 @@ func TestLegacyAESGCMKeyRead(t *testing.T) {
 	if h.DEKSourceType != kmstypes.EncryptedDEKSourceType_AES_GCM_KEY {
 		t.Fatalf("DEK source type %v, want AES_GCM_KEY", h.DEKSourceType)
 	}
-	got, _, err := envelope.NewOpener(dial(t, endpoint)).Open(context.Background(), val, []byte(key))
+	got, _, err := envelope.NewOpener(envelopetest.Dial(t, endpoint)).Open(context.Background(), val, []byte(key))
 	if err != nil || !bytes.Equal(got, plain) {
 		t.Fatalf("Open = %q, %v", got, err)
 	}
@@ -171,7 +160,7 @@ func TestLegacyAESGCMKeyRead(t *testing.T) {
 func TestOpenFailures(t *testing.T) {
 	plugin := envelopetest.NewPlugin()
 	endpoint := envelopetest.Serve(t, plugin)
-	client := dial(t, endpoint)
+	client := envelopetest.Dial(t, endpoint)
 	ctx := context.Background()
 	sealer, err := envelope.NewSealer(ctx, client, "fail")
 	if err != nil {

@@ -62,7 +62,7 @@ func startKubekms(t *testing.T) (endpoint, keyring string) {
 // key_id and wrapped-KEK annotations), across a softkey rotation.
 func TestRealPluginInterop(t *testing.T) {
 	endpoint, keyring := startKubekms(t)
-	client := dial(t, endpoint)
+	client := envelopetest.Dial(t, endpoint)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	const provider = "kubekms"
