@@ -62,3 +62,12 @@ func (o Options) LoggerOrDiscard() *slog.Logger {
 type VersionChecker interface {
 	CheckKeyID(ctx context.Context, keyID string) error
 }
+
+// Notifier is implemented by services that learn of a change to their key
+// without being asked (the softkey keyring file, watched). The hierarchy
+// probes at once when Changed fires, so a rotation or revocation made on this
+// node shows in Status without waiting for the probe interval. The channel
+// never closes while the service is open; a send may be coalesced.
+type Notifier interface {
+	Changed() <-chan struct{}
+}
