@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -15,8 +16,14 @@ const AnnotationKey = "local-kek.kubekms.io"
 // names its layout, so the layout can evolve (docs/design.md).
 const (
 	// sealV1: 0x01 || nonce(12) || AES-256-GCM(seed) || tag(16),
-	// AAD = sealAADPrefix || key_id || 0x00 || annotation value.
+	// AAD = "kubekms.io/seal/v1\x00" || key_id || 0x00 || annotation value.
+	// Read only: a key_id holding a NUL byte would make its AAD ambiguous, so
+	// such key_ids are refused for v1 seals.
 	sealV1 byte = 0x01
+	// sealV2: the same layout as v1 with format byte 0x02 and an unambiguous
+	// AAD: "kubekms.io/seal/v2\x00" || uint32be(len key_id) || key_id ||
+	// uint32be(len annotation) || annotation value. Encrypt writes v2.
+	sealV2 byte = 0x02
 	// annotationV1: 0x01 || created (8 bytes, big-endian Unix seconds) || wrapped KEK.
 	annotationV1 byte = 0x01
 )
@@ -35,7 +42,8 @@ const (
 	// MaxAnnotations is the apiserver's limit on the sum of annotation key and value sizes.
 	MaxAnnotations   = 32 * 1024
 	annotationHeader = 1 + 8
-	sealAADPrefix    = "kubekms.io/seal/v1\x00"
+	sealV1AADPrefix  = "kubekms.io/seal/v1\x00"
+	sealV2AADPrefix  = "kubekms.io/seal/v2\x00"
 )
 
 // ErrBadRequest marks errors caused by the caller's input (gRPC InvalidArgument).
@@ -73,12 +81,21 @@ func decodeAnnotation(v []byte) (parsedAnnotation, error) {
 }
 
 // sealAAD binds a seal to the key ID and the whole annotation value (and so to
-// the wrapped local KEK and its creation time): swapping either fails.
-func sealAAD(keyID string, annotation []byte) []byte {
-	aad := make([]byte, 0, len(sealAADPrefix)+len(keyID)+1+len(annotation))
-	aad = append(aad, sealAADPrefix...)
+// the wrapped local KEK and its creation time): swapping either fails. The
+// format byte selects the layout; callers check it first (checkSealed).
+func sealAAD(format byte, keyID string, annotation []byte) []byte {
+	if format == sealV1 {
+		aad := make([]byte, 0, len(sealV1AADPrefix)+len(keyID)+1+len(annotation))
+		aad = append(aad, sealV1AADPrefix...)
+		aad = append(aad, keyID...)
+		aad = append(aad, 0)
+		return append(aad, annotation...)
+	}
+	aad := make([]byte, 0, len(sealV2AADPrefix)+4+len(keyID)+4+len(annotation))
+	aad = append(aad, sealV2AADPrefix...)
+	aad = binary.BigEndian.AppendUint32(aad, uint32(len(keyID)))
 	aad = append(aad, keyID...)
-	aad = append(aad, 0)
+	aad = binary.BigEndian.AppendUint32(aad, uint32(len(annotation)))
 	return append(aad, annotation...)
 }
 
@@ -89,10 +106,23 @@ func checkSealed(ciphertext []byte) error {
 		return badRequest("ciphertext is empty")
 	case len(ciphertext) > MaxCiphertext:
 		return badRequest("ciphertext is %d bytes, more than the %d the apiserver allows", len(ciphertext), MaxCiphertext)
-	case ciphertext[0] != sealV1:
-		return badRequest("ciphertext has unknown format version %d (want %d)", ciphertext[0], sealV1)
+	case ciphertext[0] != sealV1 && ciphertext[0] != sealV2:
+		return badRequest("ciphertext has unknown format version %d (want %d or %d)", ciphertext[0], sealV1, sealV2)
 	case len(ciphertext) < SealOverhead+1:
-		return badRequest("ciphertext is %d bytes, too short for format %d", len(ciphertext), sealV1)
+		return badRequest("ciphertext is %d bytes, too short for format %d", len(ciphertext), ciphertext[0])
+	}
+	return nil
+}
+
+// checkKeyID validates the key ID a seal of the given format is opened with.
+func checkKeyID(format byte, keyID string) error {
+	switch {
+	case keyID == "":
+		return badRequest("key_id is empty")
+	case len(keyID) > MaxKeyID:
+		return badRequest("key_id is %d bytes, more than %d", len(keyID), MaxKeyID)
+	case format == sealV1 && strings.IndexByte(keyID, 0) >= 0:
+		return badRequest("key_id holds a NUL byte, which a format-1 seal cannot authenticate unambiguously")
 	}
 	return nil
 }

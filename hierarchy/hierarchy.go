@@ -14,10 +14,11 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
-
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -40,7 +41,7 @@ type Config struct {
 	// CacheSize bounds the unwrapped local KEKs kept (default 1000).
 	CacheSize int
 	// ProbeInterval is how long a health probe result is reused, and how
-	// often the background loop probes (default 30 s).
+	// often the background loop probes (default DefaultProbeInterval).
 	ProbeInterval time.Duration
 	// OutageGrace is how long the plugin keeps serving from its cache and
 	// current local KEK while the key service is unreachable (default 1 h).
@@ -53,6 +54,10 @@ type Config struct {
 	RemoteTimeout time.Duration
 	// MaxConcurrentRemote bounds concurrent remote calls (default 16).
 	MaxConcurrentRemote int
+	// StatusBudget bounds how long Status waits for a fresh probe before it
+	// answers from the last known state (default 1 s): the apiserver gives
+	// Status 3 s by default, and a hung key service must not make it time out.
+	StatusBudget time.Duration
 	// State, if set, keeps the current local KEK (wrapped) across restarts.
 	State StateStore
 
@@ -62,6 +67,13 @@ type Config struct {
 	// Now is the clock; tests replace it.
 	Now func() time.Time
 }
+
+// DefaultProbeInterval matches kube-apiserver's own polling: it caches a
+// healthy Status answer for 20 s, so with kubelet probes hitting /livez and
+// /readyz it asks about every 20 s (every minute without them). A probe result
+// reused for up to 20 s means each Status answer is at most one apiserver poll
+// behind the key service.
+const DefaultProbeInterval = 20 * time.Second
 
 func (c *Config) defaults() {
 	if c.MaxUses == 0 {
@@ -74,7 +86,7 @@ func (c *Config) defaults() {
 		c.CacheSize = 1000
 	}
 	if c.ProbeInterval == 0 {
-		c.ProbeInterval = 30 * time.Second
+		c.ProbeInterval = DefaultProbeInterval
 	}
 	if c.OutageGrace == 0 {
 		c.OutageGrace = time.Hour
@@ -87,6 +99,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxConcurrentRemote == 0 {
 		c.MaxConcurrentRemote = 16
+	}
+	if c.StatusBudget == 0 {
+		c.StatusBudget = time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -121,7 +136,11 @@ func newLocalKEK(key, annotation []byte, remoteKeyID string, created time.Time) 
 	return &localKEK{key: key, aead: aead, annotation: annotation, remoteKeyID: remoteKeyID, created: created}, nil
 }
 
-func cacheKey(keyID string, annotation []byte) string { return keyID + "\x00" + string(annotation) }
+// kekID names a local KEK in the cache: the remote key ID and the wrapped
+// bytes, which the key service authenticates. The rest of the annotation (the
+// creation time) is authenticated by the seal, so a forged creation time finds
+// the genuine entry and is refused by the seal, with no remote call.
+type kekID struct{ keyID, wrapped string }
 
 // Sealed is the result of Encrypt.
 type Sealed struct {
@@ -140,12 +159,16 @@ type Hierarchy struct {
 	now    func() time.Time
 
 	current   atomic.Pointer[localKEK]
-	cache     *lru.Cache[string, *localKEK]
+	cache     *lru.Cache[kekID, *localKEK]
 	flight    singleflight.Group
 	remoteSem chan struct{}
 
-	mu     sync.Mutex
-	health healthState
+	mu      sync.Mutex
+	machine healthMachine
+	// usableUntil (Unix ns) caches the machine's Usable verdict for the hot
+	// path: max while healthy, the end of the grace during an outage, 0 when
+	// revoked or unreachable.
+	usableUntil atomic.Int64
 
 	stop chan struct{}
 	done chan struct{}
@@ -162,7 +185,7 @@ func New(ctx context.Context, svc keyservice.Service, cfg Config) (*Hierarchy, e
 		remoteSem: make(chan struct{}, cfg.MaxConcurrentRemote),
 		stop:      make(chan struct{}), done: make(chan struct{}),
 	}
-	cache, err := lru.NewWithEvict(cfg.CacheSize, func(_ string, k *localKEK) {
+	cache, err := lru.NewWithEvict(cfg.CacheSize, func(_ kekID, k *localKEK) {
 		if k != h.current.Load() {
 			clear(k.key)
 		}
@@ -171,7 +194,7 @@ func New(ctx context.Context, svc keyservice.Service, cfg Config) (*Hierarchy, e
 		return nil, fmt.Errorf("local KEK cache: %w", err)
 	}
 	h.cache = cache
-	h.health.started = h.now()
+	h.machine.grace = cfg.OutageGrace
 	if err := h.start(ctx); err != nil {
 		h.log.Warn("local key hierarchy not ready at start-up; retrying in the background", "error", err)
 	}
@@ -220,20 +243,34 @@ func (h *Hierarchy) loop() {
 	every := min(h.cfg.ProbeInterval, h.cfg.RevocationBound)
 	t := time.NewTicker(every)
 	defer t.Stop()
+	var changed <-chan struct{}
+	if n, ok := h.svc.(keyservice.Notifier); ok {
+		changed = n.Changed()
+	}
 	for {
 		select {
 		case <-h.stop:
 			return
 		case <-t.C:
+		case <-changed:
+			h.log.Info("key service reports a change; probing now")
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), h.cfg.RemoteTimeout)
-		if keyID, err := h.probe(ctx); err == nil { // probe logs its own failures
-			_ = h.ensureKEK(ctx, keyID)
-			h.checkCachedVersions(ctx, keyID)
-		}
-		h.Status(ctx) // refreshes the health metrics; the probe above is fresh, so no second call
+		h.Refresh(ctx)
 		cancel()
 	}
+}
+
+// Refresh probes the key service now and acts on the answer: a new local KEK
+// for a changed remote key, dropped local KEKs for a revoked key or version.
+// The background loop calls it every probe interval and whenever the key
+// service reports a change; `kubekms serve` calls it on SIGHUP.
+func (h *Hierarchy) Refresh(ctx context.Context) Health {
+	if keyID, err := h.probe(ctx); err == nil { // probe logs its own failures
+		_ = h.ensureKEK(ctx, keyID)
+		h.checkCachedVersions(ctx, keyID)
+	}
+	return h.health()
 }
 
 // Encrypt seals plaintext (the apiserver's seed) with the current local KEK.
@@ -250,11 +287,11 @@ func (h *Hierarchy) Encrypt(ctx context.Context, plaintext []byte) (Sealed, erro
 		return Sealed{}, err
 	}
 	out := make([]byte, 1+nonceSize, SealOverhead+len(plaintext))
-	out[0] = sealV1
+	out[0] = sealV2
 	if _, err := rand.Read(out[1:]); err != nil {
 		return Sealed{}, fmt.Errorf("seal: nonce: %w", err)
 	}
-	out = k.aead.Seal(out, out[1:1+nonceSize], plaintext, sealAAD(k.remoteKeyID, k.annotation))
+	out = k.aead.Seal(out, out[1:1+nonceSize], plaintext, sealAAD(sealV2, k.remoteKeyID, k.annotation))
 	return Sealed{
 		Ciphertext:  out,
 		KeyID:       k.remoteKeyID,
@@ -268,42 +305,64 @@ func (h *Hierarchy) Decrypt(ctx context.Context, keyID string, ciphertext []byte
 	if err := checkSealed(ciphertext); err != nil {
 		return nil, err
 	}
-	if keyID == "" {
-		return nil, badRequest("key_id is empty")
-	}
-	if len(keyID) > MaxKeyID {
-		return nil, badRequest("key_id is %d bytes, more than %d", len(keyID), MaxKeyID)
+	if err := checkKeyID(ciphertext[0], keyID); err != nil {
+		return nil, err
 	}
 	ann, ok := annotations[AnnotationKey]
 	if !ok {
 		return nil, badRequest("annotation %s is missing: the ciphertext was not made by kubekms", AnnotationKey)
 	}
-	k, err := h.decryptionKEK(ctx, keyID, ann)
+	parsed, err := decodeAnnotation(ann)
 	if err != nil {
 		return nil, err
 	}
-	nonce := ciphertext[1 : 1+nonceSize]
-	out, err := k.aead.Open(nil, nonce, ciphertext[1+nonceSize:], sealAAD(keyID, ann))
+	if !h.usableNow() {
+		return nil, h.refusal("decrypt")
+	}
+	open := func(k *localKEK) ([]byte, error) {
+		nonce := ciphertext[1 : 1+nonceSize]
+		out, err := k.aead.Open(nil, nonce, ciphertext[1+nonceSize:], sealAAD(ciphertext[0], keyID, ann))
+		if err != nil {
+			return nil, badRequest("ciphertext failed authentication: the ciphertext, key_id or annotation was altered or swapped")
+		}
+		return out, nil
+	}
+	id := kekID{keyID, string(parsed.wrapped)}
+	if k, ok := h.cache.Get(id); ok {
+		h.m.CacheLookup(true)
+		return open(k)
+	}
+	h.m.CacheLookup(false)
+	k, err := h.unwrapKEK(ctx, id, parsed)
 	if err != nil {
-		return nil, badRequest("ciphertext failed authentication: the ciphertext, key_id or annotation was altered or swapped")
+		return nil, err
+	}
+	out, err := open(k)
+	if err != nil {
+		// Only local KEKs that opened a genuine seal enter the cache: a
+		// refused request never evicts a good entry.
+		return nil, err
+	}
+	if _, loaded, _ := h.cache.PeekOrAdd(id, k); !loaded {
+		h.m.CacheSize(h.cache.Len())
 	}
 	return out, nil
 }
 
-// encryptionKEK returns the local KEK for a new seal, making a new one when
-// the remote key changed, the KEK is used up, or it is too old.
+// encryptionKEK returns the local KEK for a new seal. It seals with the
+// current local KEK, whose key ID Status reports (the apiserver discards a
+// seed whose Encrypt key_id differs from Status's); a changed remote key gets
+// a new local KEK from the probe that saw it. Only a missing, used-up or too
+// old local KEK is replaced here.
 func (h *Hierarchy) encryptionKEK(ctx context.Context) (*localKEK, error) {
-	k := h.current.Load()
-	hs := h.healthSnapshot()
-	if hs.revoked {
-		return nil, keyservice.Revoked("encrypt", fmt.Errorf("the key is revoked: %v", hs.lastErr))
+	if !h.usableNow() {
+		return nil, h.refusal("encrypt")
 	}
+	k := h.current.Load()
 	reason := ""
 	switch {
 	case k == nil:
 		reason = "startup"
-	case hs.keyID != "" && k.remoteKeyID != hs.keyID:
-		reason = "remote_key_changed"
 	case k.uses.Load() >= h.cfg.MaxUses:
 		reason = "max_uses"
 	case h.now().Sub(k.created) >= h.cfg.MaxAge:
@@ -319,14 +378,32 @@ func (h *Hierarchy) encryptionKEK(ctx context.Context) (*localKEK, error) {
 		return nk, nil
 	}
 	// Outage tolerance: a used-up or old KEK stays in service while the key
-	// service is unreachable, within the grace period. A changed remote key
-	// cannot be served by the old KEK: the apiserver checks the key ID.
-	if k != nil && (reason == "max_uses" || reason == "max_age") && h.inGrace(err) && k.uses.Load() < hardMaxUses {
+	// service is unreachable, within the grace period.
+	if k != nil && h.inGrace(err) && k.uses.Load() < hardMaxUses {
 		h.log.Warn("keeping the current local KEK while the key service is unreachable", "reason", reason, "error", err)
 		h.use(ctx, k)
 		return k, nil
 	}
 	return nil, fmt.Errorf("make local KEK: %w", err)
+}
+
+// usableNow reports whether local KEKs may be used: the machine's Usable
+// verdict, read without a lock.
+func (h *Hierarchy) usableNow() bool {
+	return h.now().UnixNano() < h.usableUntil.Load()
+}
+
+// refusal explains why local KEKs may not be used now, classified so the
+// plugin answers FailedPrecondition (revoked) or Unavailable (unreachable).
+func (h *Hierarchy) refusal(op string) error {
+	v := h.verdict()
+	if v.Mode == ModeRevoked {
+		return keyservice.Revoked(op, errors.New(v.Reason))
+	}
+	if v.Usable { // the verdict changed since usableNow
+		v.Reason = "key service state changed during the call; retry"
+	}
+	return keyservice.Transient(op, errors.New(v.Reason))
 }
 
 // use counts one seal with k.
@@ -383,11 +460,9 @@ func (h *Hierarchy) rotate(ctx context.Context, reason string) (*localKEK, error
 
 // install makes k current and caches it for Decrypt.
 func (h *Hierarchy) install(k *localKEK, reason string) {
-	h.cache.Add(cacheKey(k.remoteKeyID, k.annotation), k)
+	parsed, _ := decodeAnnotation(k.annotation) // our own annotation: well formed
+	h.cache.Add(kekID{k.remoteKeyID, string(parsed.wrapped)}, k)
 	h.current.Store(k)
-	h.mu.Lock()
-	h.health.keyID = k.remoteKeyID
-	h.mu.Unlock()
 	h.m.KEKCreated(reason)
 	h.m.CacheSize(h.cache.Len())
 	h.log.Info("new local KEK", "reason", reason, "key_id", k.remoteKeyID)
@@ -400,13 +475,13 @@ func (h *Hierarchy) maybeRotate(ctx context.Context) {
 	if k == nil {
 		return
 	}
-	hs := h.healthSnapshot()
-	if hs.revoked || hs.lastErr != nil {
+	v := h.verdict()
+	if v.Mode != ModeHealthy {
 		return
 	}
 	reason := ""
 	switch {
-	case hs.keyID != "" && k.remoteKeyID != hs.keyID:
+	case v.RemoteKeyID != "" && k.remoteKeyID != v.RemoteKeyID:
 		reason = "remote_key_changed"
 	case k.uses.Load() >= h.cfg.MaxUses*9/10:
 		reason = "max_uses"
@@ -422,31 +497,22 @@ func (h *Hierarchy) maybeRotate(ctx context.Context) {
 	}
 }
 
-// decryptionKEK finds the local KEK for (keyID, annotation) in the cache or
-// unwraps it remotely. Concurrent misses for one KEK share one remote call.
-func (h *Hierarchy) decryptionKEK(ctx context.Context, keyID string, ann []byte) (*localKEK, error) {
-	ck := cacheKey(keyID, ann)
-	if k, ok := h.cache.Get(ck); ok {
-		h.m.CacheLookup(true)
-		return k, nil
-	}
-	h.m.CacheLookup(false)
-	parsed, err := decodeAnnotation(ann)
-	if err != nil {
-		return nil, err
-	}
-	v, err, _ := h.flight.Do("unwrap\x00"+ck, func() (any, error) {
-		if k, ok := h.cache.Get(ck); ok {
+// unwrapKEK unwraps a local KEK remotely; concurrent misses for one KEK
+// share one remote call. The caller caches it once it has authenticated
+// something with it.
+func (h *Hierarchy) unwrapKEK(ctx context.Context, id kekID, parsed parsedAnnotation) (*localKEK, error) {
+	v, err, _ := h.flight.Do("unwrap\x00"+strconv.Itoa(len(id.keyID))+"\x00"+id.keyID+id.wrapped, func() (any, error) {
+		if k, ok := h.cache.Get(id); ok {
 			return k, nil
 		}
 		var key []byte
 		err := h.remote(ctx, "unwrap", func(ctx context.Context) (err error) {
-			key, err = h.svc.Unwrap(ctx, keyID, parsed.wrapped)
+			key, err = h.svc.Unwrap(ctx, id.keyID, parsed.wrapped)
 			return err
 		})
 		if err != nil {
-			if keyservice.Classify(err) == keyservice.ClassRevoked {
-				h.shred(keyID, err)
+			if h.observeKeyID(err) {
+				h.shred(id.keyID, err)
 			}
 			return nil, fmt.Errorf("unwrap local KEK: %w", err)
 		}
@@ -454,21 +520,14 @@ func (h *Hierarchy) decryptionKEK(ctx context.Context, keyID string, ann []byte)
 			clear(key)
 			return nil, keyservice.Invalid("unwrap", fmt.Errorf("unwrapped local KEK is %d bytes, want %d", len(key), kekSize))
 		}
-		k, err := newLocalKEK(key, bytesClone(ann), keyID, parsed.created)
-		if err != nil {
-			return nil, err
-		}
-		h.cache.Add(ck, k)
-		h.m.CacheSize(h.cache.Len())
-		return k, nil
+		ann := encodeAnnotation(parsed.created, parsed.wrapped)
+		return newLocalKEK(key, ann, id.keyID, parsed.created)
 	})
 	if err != nil {
 		return nil, err
 	}
 	return v.(*localKEK), nil
 }
-
-func bytesClone(b []byte) []byte { return append([]byte(nil), b...) }
 
 // shred drops cached local KEKs wrapped by keyID (all of them when keyID is
 // empty): the key service revoked the key, so the plugin must stop using it.
@@ -508,7 +567,7 @@ func (h *Hierarchy) checkCachedVersions(ctx context.Context, current string) {
 		seen[k.remoteKeyID] = true
 		keyID := k.remoteKeyID
 		err := h.remote(ctx, "check", func(ctx context.Context) error { return vc.CheckKeyID(ctx, keyID) })
-		if keyservice.Classify(err) == keyservice.ClassRevoked {
+		if h.observeKeyID(err) {
 			h.shred(keyID, err)
 		}
 	}
@@ -549,20 +608,19 @@ func (h *Hierarchy) remote(ctx context.Context, op string, fn func(context.Conte
 	return err
 }
 
-// healthState is what the probes learned.
-type healthState struct {
-	started   time.Time
-	keyID     string
-	lastCheck time.Time
-	lastOK    time.Time
-	lastErr   error
-	revoked   bool
-}
-
-func (h *Hierarchy) healthSnapshot() healthState {
+// observeKeyID asks the health machine whether a revocation answer about
+// one key ID means dropping that key ID's local KEKs.
+func (h *Hierarchy) observeKeyID(err error) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.health
+	return h.machine.observeKeyID(err)
+}
+
+// verdict is the health machine's verdict now.
+func (h *Hierarchy) verdict() Verdict {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.machine.verdict(h.now())
 }
 
 // inGrace reports whether err is an outage (not a revocation or bad input)
@@ -572,17 +630,14 @@ func (h *Hierarchy) inGrace(err error) bool {
 	case keyservice.ClassRevoked, keyservice.ClassInvalid:
 		return false
 	}
-	hs := h.healthSnapshot()
-	last := hs.lastOK
-	if last.IsZero() {
-		return false
-	}
-	return h.now().Sub(last) < h.cfg.OutageGrace
+	v := h.verdict()
+	return v.Mode == ModeHealthy || v.Mode == ModeOutage
 }
 
-// probe asks the key service for its current key ID (no paid crypto call)
-// and records the outcome: revocation shreds the cache; a changed key ID is
-// noted so the next Encrypt (or the background loop) makes a new local KEK.
+// probe asks the key service for its current key ID (no paid crypto call),
+// feeds the answer to the health machine and carries out its effects:
+// revocation drops the cache; a changed key ID is noted so the caller (or the
+// background loop) makes a new local KEK.
 func (h *Hierarchy) probe(ctx context.Context) (string, error) {
 	v, err, _ := h.flight.Do("probe", func() (any, error) {
 		var keyID string
@@ -590,32 +645,29 @@ func (h *Hierarchy) probe(ctx context.Context) (string, error) {
 			keyID, err = h.svc.Probe(ctx)
 			return err
 		})
-		if err == nil && (keyID == "" || len(keyID) > MaxKeyID) {
-			err = fmt.Errorf("key service reported a key ID of %d bytes (want 1..%d)", len(keyID), MaxKeyID)
+		if err == nil && (keyID == "" || len(keyID) > MaxKeyID || keyID == StoppedKeyID) {
+			err = keyservice.Invalid("probe", fmt.Errorf("key service reported a key ID of %d bytes (want 1..%d, not %q)", len(keyID), MaxKeyID, StoppedKeyID))
 		}
-		now := h.now()
 		h.mu.Lock()
-		wasRevoked := h.health.revoked
-		h.health.lastCheck = now
-		h.health.lastErr = err
-		if err == nil {
-			if h.health.keyID != "" && h.health.keyID != keyID {
-				h.log.Info("remote key changed", "old_key_id", h.health.keyID, "key_id", keyID)
-			}
-			h.health.keyID = keyID
-			h.health.lastOK = now
-			h.health.revoked = false
-		} else if keyservice.Classify(err) == keyservice.ClassRevoked {
-			h.health.revoked = true
-		}
+		eff := h.machine.observe(h.now(), keyID, err)
+		v := h.machine.verdict(h.now())
+		h.setUsable(v)
 		h.mu.Unlock()
 		switch {
-		case err == nil && wasRevoked:
-			h.log.Info("key service reports the key usable again")
-		case err != nil && keyservice.Classify(err) == keyservice.ClassRevoked:
+		case eff.DropAll:
 			h.shred("", err)
+			if eff.Revoked {
+				h.log.Warn("key service says the key is revoked: new writes and cached keys are refused", "error", err)
+			}
+		case eff.Restored:
+			h.log.Info("key service reports the key usable again", "key_id", keyID)
+		case eff.Recovered:
+			h.log.Info("key service reachable again", "key_id", keyID)
 		case err != nil:
-			h.log.Warn("key service probe failed", "error", err, "grace_remaining", h.graceRemaining().String())
+			h.log.Warn("key service probe failed", "error", err, "mode", v.Mode.String(), "grace_remaining", v.GraceRemaining.Round(time.Second).String())
+		}
+		if eff.KeyChanged {
+			h.log.Info("remote key changed", "old_key_id", eff.OldKeyID, "key_id", keyID)
 		}
 		return keyID, err
 	})
@@ -625,12 +677,16 @@ func (h *Hierarchy) probe(ctx context.Context) (string, error) {
 	return v.(string), nil
 }
 
-func (h *Hierarchy) graceRemaining() time.Duration {
-	hs := h.healthSnapshot()
-	if hs.lastOK.IsZero() {
-		return 0
+// setUsable publishes v.Usable for the hot path; called with h.mu held.
+func (h *Hierarchy) setUsable(v Verdict) {
+	var until int64
+	switch {
+	case v.Mode == ModeHealthy:
+		until = math.MaxInt64
+	case v.Usable:
+		until = h.now().Add(v.GraceRemaining).UnixNano()
 	}
-	return max(h.cfg.OutageGrace-h.now().Sub(hs.lastOK), 0)
+	h.usableUntil.Store(until)
 }
 
 // Health is the answer to Status.
@@ -638,55 +694,55 @@ type Health struct {
 	OK bool
 	// Reason is a short message when !OK, or a note when OK during an outage.
 	Reason string
-	KeyID  string
+	// KeyID is the key_id Status reports: the key ID Encrypt seals under now,
+	// or StoppedKeyID while sealing is refused.
+	KeyID string
+	// RemoteKeyID is the key ID the key service last reported.
+	RemoteKeyID string
+	Mode        Mode
 	// GraceRemaining is the outage grace left (the full grace when reachable).
 	GraceRemaining time.Duration
 }
 
-// Status returns the health from a probe at most ProbeInterval old, probing
-// inline when the cached result is older.
+// Status returns the health from a probe at most ProbeInterval old. When the
+// last probe is older, it probes, but waits at most StatusBudget for the
+// answer (the probe goes on in the background) and otherwise answers from the
+// last known state, so a hung key service never makes Status time out.
 func (h *Hierarchy) Status(ctx context.Context) Health {
-	if hs := h.healthSnapshot(); h.now().Sub(hs.lastCheck) >= h.cfg.ProbeInterval {
-		if keyID, err := h.probe(ctx); err == nil {
-			h.ensureKEK(ctx, keyID)
+	h.mu.Lock()
+	stale := h.machine.stale(h.now(), h.cfg.ProbeInterval)
+	h.mu.Unlock()
+	if stale {
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), h.cfg.RemoteTimeout)
+			defer cancel()
+			if keyID, err := h.probe(pctx); err == nil {
+				_ = h.ensureKEK(pctx, keyID)
+			}
+		}()
+		budget := time.NewTimer(h.cfg.StatusBudget)
+		select {
+		case <-done:
+		case <-budget.C:
+		case <-ctx.Done():
 		}
+		budget.Stop()
 	}
-	hs := h.healthSnapshot()
-	cur := h.current.Load()
-	out := Health{KeyID: hs.keyID, GraceRemaining: h.graceRemaining()}
-	switch {
-	case hs.revoked:
-		out.Reason = "key revoked by the key service: " + short(hs.lastErr)
-	case hs.keyID == "":
-		out.Reason = "key service not reached yet: " + short(hs.lastErr)
-	case cur == nil:
-		out.Reason = "no local KEK yet: " + short(hs.lastErr)
-	case hs.lastErr != nil && !h.inGrace(hs.lastErr):
-		out.Reason = fmt.Sprintf("key service failing since %s: %s", hs.lastOK.UTC().Format(time.RFC3339), short(hs.lastErr))
-	case hs.lastErr != nil:
-		out.OK = true
-		out.Reason = fmt.Sprintf("key service unreachable, serving from cache; grace ends in %s", out.GraceRemaining.Round(time.Second))
-	default:
-		out.OK = true
-		out.GraceRemaining = h.cfg.OutageGrace
-	}
-	if !out.OK {
-		out.GraceRemaining = 0
-	}
-	h.m.Health(out.OK, out.KeyID, out.GraceRemaining)
-	return out
+	return h.health()
 }
 
-// short trims an error for the healthz field.
-func short(err error) string {
-	if err == nil {
-		return "no error recorded"
+// health is the Status answer from the last known state (no remote call).
+func (h *Hierarchy) health() Health {
+	v := h.verdict()
+	cur := ""
+	if k := h.current.Load(); k != nil {
+		cur = k.remoteKeyID
 	}
-	s := err.Error()
-	if len(s) > 200 {
-		s = s[:200] + "..."
-	}
-	return s
+	out := Health{OK: v.OK, Reason: v.Reason, KeyID: v.statusKeyID(cur), RemoteKeyID: v.RemoteKeyID, Mode: v.Mode, GraceRemaining: v.GraceRemaining}
+	h.m.Health(out.OK, out.KeyID, out.GraceRemaining)
+	return out
 }
 
 // SelfTest seals and opens a random value with the current local KEK (no

@@ -96,7 +96,7 @@ func TestRoundTripAndNoRemoteCallPerOperation(t *testing.T) {
 		t.Fatalf("1000 round trips made %d remote crypto calls, want 1", got)
 	}
 	s := encrypt(t, h)
-	if len(s.Ciphertext) != hierarchy.SealOverhead+len(seed) || s.Ciphertext[0] != 1 {
+	if len(s.Ciphertext) != hierarchy.SealOverhead+len(seed) || s.Ciphertext[0] != 2 {
 		t.Fatalf("ciphertext layout: %d bytes, version %d", len(s.Ciphertext), s.Ciphertext[0])
 	}
 	if bytes.Contains(s.Ciphertext, seed) {

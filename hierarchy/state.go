@@ -71,7 +71,12 @@ func (h *Hierarchy) restore(ctx context.Context, keyID string) bool {
 		h.log.Info("saved local KEK is for an older remote key; making a new one", "saved_key_id", s.KeyID, "key_id", keyID)
 		return false
 	}
-	k, err := h.decryptionKEK(ctx, s.KeyID, s.Annotation)
+	parsed, err := decodeAnnotation(s.Annotation)
+	if err != nil {
+		h.log.Warn("local KEK state holds a malformed annotation; making a new local KEK", "error", err)
+		return false
+	}
+	k, err := h.unwrapKEK(ctx, kekID{s.KeyID, string(parsed.wrapped)}, parsed)
 	if err != nil {
 		h.log.Warn("could not unwrap the saved local KEK; making a new one", "error", err)
 		return false

@@ -100,14 +100,28 @@ func (c *call) end(err error) error {
 	return err
 }
 
-// Status reports health from the hierarchy's cached probe.
+// Status reports health from the hierarchy's last probe (waiting at most the
+// hierarchy's StatusBudget for a fresh one). While kubekms refuses to seal,
+// key_id is hierarchy.StoppedKeyID, which makes kube-apiserver let its write
+// seed expire. A call that outlived its deadline is counted as
+// DeadlineExceeded: that is what the apiserver saw.
 func (s *V2) Status(ctx context.Context, _ *kmsapi.StatusRequest) (*kmsapi.StatusResponse, error) {
 	start := time.Now()
 	st := s.h.Status(ctx)
 	healthz := "ok"
 	if !st.OK {
 		healthz = st.Reason
-		s.opts.Logger.Warn("unhealthy", "reason", st.Reason, "key_id", st.KeyID)
+		s.opts.Logger.Warn("unhealthy", "reason", st.Reason, "mode", st.Mode.String(), "key_id", st.KeyID, "remote_key_id", st.RemoteKeyID)
+	}
+	if err := ctx.Err(); err != nil {
+		// A client that gave up at its deadline may cancel before the
+		// server's own deadline fires: it still ran out of time.
+		if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
+			err = context.DeadlineExceeded
+		}
+		err = status.FromContextError(err).Err()
+		s.opts.Metrics.GRPC("v2", "Status", status.Code(err).String(), "", time.Since(start))
+		return nil, err
 	}
 	s.opts.Metrics.GRPC("v2", "Status", "OK", "", time.Since(start))
 	return &kmsapi.StatusResponse{Version: "v2", Healthz: healthz, KeyId: st.KeyID}, nil

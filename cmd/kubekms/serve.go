@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -61,7 +64,8 @@ embedded keyring file (softkey), created on first use.`,
 	fl.Uint64Var(&f.hier.MaxUses, "max-uses", 1<<21, "seeds sealed by one local KEK before a new one is made")
 	fl.DurationVar(&f.hier.MaxAge, "max-age", 7*24*time.Hour, "age after which a new local KEK is made")
 	fl.IntVar(&f.hier.CacheSize, "cache-size", 1000, "unwrapped local KEKs kept in memory")
-	fl.DurationVar(&f.hier.ProbeInterval, "probe-interval", 30*time.Second, "how often the key service is probed (a cheap key read, never an encrypt)")
+	fl.DurationVar(&f.hier.ProbeInterval, "probe-interval", hierarchy.DefaultProbeInterval,
+		"how often the key service is probed (a cheap key read, never an encrypt); kube-apiserver asks for Status about every 20 s")
 	fl.DurationVar(&f.hier.OutageGrace, "outage-grace", time.Hour, "how long to serve from cache while the key service is unreachable")
 	fl.DurationVar(&f.hier.RevocationBound, "revocation-bound", time.Minute, "longest time to drop local KEKs after the key is revoked")
 	fl.IntVar(&f.hier.MaxConcurrentRemote, "max-concurrent-remote", 16, "concurrent remote key-service calls")
@@ -137,11 +141,43 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 		}
 		defer stopHTTP()
 	}
+	stopHUP := reprobeOnSIGHUP(h, log)
+	defer stopHUP()
 	st := h.Status(ctx)
 	log.Info("serving", "socket", f.listen, "key_uri", redactURI(f.keyURI), "key_id", st.KeyID, "healthz_ok", st.OK, "reason", st.Reason, "version", version)
 	err = plugin.Serve(ctx, srv, l, f.shutdownGrace)
 	log.Info("stopped", "socket", f.listen)
 	return err
+}
+
+// reprobeOnSIGHUP makes SIGHUP re-probe the key service at once (and log
+// the outcome) instead of ending the process: after an operator changed the
+// key, its new state reaches Status without waiting for the probe interval.
+func reprobeOnSIGHUP(h *hierarchy.Hierarchy, log *slog.Logger) (stop func()) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	quit, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-quit:
+				return
+			case <-hup:
+			}
+			log.Info("SIGHUP: re-probing the key service")
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			st := h.Refresh(ctx)
+			cancel()
+			log.Info("re-probed the key service", "mode", st.Mode.String(), "healthz_ok", st.OK, "key_id", st.KeyID,
+				"remote_key_id", st.RemoteKeyID, "reason", st.Reason)
+		}
+	}()
+	return func() {
+		signal.Stop(hup)
+		close(quit)
+		<-done
+	}
 }
 
 // redactURI drops the query of a key URI (it may name PIN or token sources).

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"github.com/kubekms/kubekms/envelope/kmsclient"
 
 	"github.com/kubekms/kubekms/internal/testutil"
+	"github.com/kubekms/kubekms/keyservice/softkey"
 )
 
 func get(t *testing.T, url string) (int, string) {
@@ -137,5 +139,69 @@ func TestMetricsAddrDefaultsToLoopback(t *testing.T) {
 		if got := loopbackDefault(in); got != want {
 			t.Errorf("loopbackDefault(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// TestServeSIGHUPReprobes: SIGHUP makes a running serve re-probe its key
+// service at once and log the outcome, instead of ending the process. The
+// probe interval is 1 h, so only the re-probe can show the rotation.
+func TestServeSIGHUPReprobes(t *testing.T) {
+	dir, err := os.MkdirTemp("", "kkhup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "run", "kms.sock")
+	keyring := filepath.Join(dir, "keyring.json")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cmd := newRootCmd()
+	cmd.SetArgs([]string{"serve", "--listen", "unix://" + sock, "--key-uri", "softkey://" + keyring,
+		"--no-state", "--probe-interval", "1h", "--revocation-bound", "1h"})
+	logs := &testutil.SyncBuffer{}
+	cmd.SetErr(logs)
+	done := make(chan error, 1)
+	go func() { done <- cmd.ExecuteContext(ctx) }()
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for !ok() {
+			select {
+			case err := <-done:
+				t.Fatalf("serve ended while waiting for %s: %v\n%s", what, err, logs)
+			default:
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no %s:\n%s", what, logs)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitFor("serving log line", func() bool { return strings.Contains(logs.String(), `"msg":"serving"`) })
+	ring, err := softkey.Rotate(keyring)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newKeyID := ring.KeyID(ring.Primary)
+	if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("re-probe log line", func() bool {
+		return strings.Contains(logs.String(), "SIGHUP: re-probing the key service") &&
+			strings.Contains(logs.String(), `"msg":"re-probed the key service"`) &&
+			strings.Contains(logs.String(), `"key_id":"`+newKeyID+`"`)
+	})
+	c, err := kmsclient.Dial("unix://"+sock, 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	st, err := c.Status(ctx)
+	if err != nil || st.KeyID != newKeyID {
+		t.Fatalf("Status after SIGHUP: %+v %v, want key_id %q", st, err, newKeyID)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("serve: %v", err)
 	}
 }
