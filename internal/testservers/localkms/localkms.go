@@ -277,6 +277,25 @@ func (s *Server) Stop(t testing.TB) {
 	}
 }
 
+// Pause stops local-kms with SIGSTOP: connections stay open and every call
+// hangs, as with a key service that stopped answering. Resume continues it.
+func (s *Server) Pause(t testing.TB) { s.signal(t, syscall.SIGSTOP) }
+
+// Resume continues a paused local-kms (SIGCONT).
+func (s *Server) Resume(t testing.TB) { s.signal(t, syscall.SIGCONT) }
+
+func (s *Server) signal(t testing.TB, sig syscall.Signal) {
+	t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc == nil {
+		t.Fatal("local-kms is not running")
+	}
+	if err := syscall.Kill(-s.proc.Process.Pid, sig); err != nil {
+		t.Fatalf("signal local-kms: %v", err)
+	}
+}
+
 func (s *Server) stop() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()

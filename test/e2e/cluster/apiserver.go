@@ -89,6 +89,9 @@ type StartOptions struct {
 	EncryptionConfig string   // EncryptionConfiguration YAML; empty = no encryption
 	FeatureGates     string   // e.g. "KMSv1=true"
 	ExtraArgs        []string // appended last
+	// WaitPath is the endpoint Start waits for (default "/readyz"); e.g.
+	// "/livez?exclude=kms-providers" to start while the plugin is unhealthy.
+	WaitPath string
 }
 
 // Start starts kube-apiserver and waits for /readyz; it returns the time from
@@ -132,7 +135,7 @@ func (a *APIServer) Start(ctx context.Context, opts StartOptions) (time.Duration
 		return 0, err
 	}
 	a.proc = proc
-	if err := a.waitReady(ctx, 3*time.Minute); err != nil {
+	if err := a.waitReady(ctx, opts.WaitPath, 3*time.Minute); err != nil {
 		return 0, err
 	}
 	return time.Since(start), nil
@@ -163,7 +166,32 @@ func (a *APIServer) LogPath() string {
 	return a.proc.LogPath()
 }
 
-func (a *APIServer) waitReady(ctx context.Context, bound time.Duration) error {
+// Get asks the apiserver for path (e.g. "/readyz", "/livez?exclude=kms-providers")
+// as the admin and returns the HTTP status code and body.
+func (a *APIServer) Get(ctx context.Context, path string) (int, string, error) {
+	hc := &http.Client{
+		Timeout:   10 * time.Second,
+		Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}, // loopback, self-signed
+	}
+	defer hc.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.Config.Host+path, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	req.Header.Set("Authorization", "Bearer "+a.token)
+	resp, err := hc.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 64*1024))
+	return resp.StatusCode, string(body), nil
+}
+
+func (a *APIServer) waitReady(ctx context.Context, path string, bound time.Duration) error {
+	if path == "" {
+		path = "/readyz"
+	}
 	hc := &http.Client{
 		Timeout:   5 * time.Second,
 		Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}, // loopback, self-signed
@@ -172,7 +200,7 @@ func (a *APIServer) waitReady(ctx context.Context, bound time.Duration) error {
 	deadline := time.Now().Add(bound)
 	last := "no answer"
 	for {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.Config.Host+"/readyz", nil)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.Config.Host+path, nil)
 		if err != nil {
 			return err
 		}

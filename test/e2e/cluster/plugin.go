@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -32,8 +33,14 @@ type Plugin struct {
 	MetricsAddr string
 	LogPath     string
 	StateFile   string // the plugin's local-KEK state, kept across restarts
-	t           testing.TB
-	proc        *Process
+	// Args are extra `kubekms serve` flags; Env extra environment
+	// (NAME=value); Wrap, if set, wraps the command line (e.g. with nsenter,
+	// to run beside a key service in a private network namespace).
+	Args []string
+	Env  []string
+	Wrap func(cmd []string) []string
+	t    testing.TB
+	proc *Process
 }
 
 // NewPlugin prepares (does not start) a kubekms plugin owned by t. The socket
@@ -62,13 +69,17 @@ func (p *Plugin) Endpoint() string { return "unix://" + p.Socket }
 
 // Start starts the plugin and waits until its Status answers healthz "ok".
 func (p *Plugin) Start(ctx context.Context) error {
-	proc, err := StartProcess(p.t, "kubekms", p.LogPath, p.Bin, "serve",
+	cmd := append([]string{p.Bin, "serve",
 		"--listen", p.Endpoint(),
 		"--key-uri", p.KeyURI,
 		"--metrics-addr", p.MetricsAddr,
 		"--state-file", p.StateFile,
 		"--log-format", "json",
-	)
+	}, p.Args...)
+	if p.Wrap != nil {
+		cmd = p.Wrap(cmd)
+	}
+	proc, err := StartProcessEnv(p.t, "kubekms", p.LogPath, p.Env, cmd[0], cmd[1:]...)
 	if err != nil {
 		return err
 	}
@@ -105,6 +116,24 @@ func (p *Plugin) Kill9() {
 	if p.proc != nil {
 		p.proc.Kill()
 	}
+}
+
+// Signal sends sig to the plugin's process group (e.g. SIGHUP: re-probe).
+func (p *Plugin) Signal(sig syscall.Signal) {
+	if p.proc != nil {
+		p.proc.signal(sig)
+	}
+}
+
+// Softkey runs `kubekms softkey ARGS...` on the plugin's keyring (rotate,
+// disable --all, enable --version N, ...).
+func (p *Plugin) Softkey(ctx context.Context, args ...string) error {
+	cmd := append([]string{"softkey"}, args...)
+	out, err := exec.CommandContext(ctx, p.Bin, append(cmd, "--key-uri", p.KeyURI)...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("kubekms %s: %w: %s", strings.Join(cmd, " "), err, out)
+	}
+	return nil
 }
 
 // Status calls the plugin's v2 Status over its socket.

@@ -32,11 +32,21 @@ type Process struct {
 // the tail of its log is printed when the test failed.
 func StartProcess(t testing.TB, name, logPath, bin string, args ...string) (*Process, error) {
 	t.Helper()
+	return StartProcessEnv(t, name, logPath, nil, bin, args...)
+}
+
+// StartProcessEnv is StartProcess with env (NAME=value) added to the
+// environment.
+func StartProcessEnv(t testing.TB, name, logPath string, env []string, bin string, args ...string) (*Process, error) {
+	t.Helper()
 	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("open %s log: %w", name, err)
 	}
 	cmd := exec.Command(bin, args...)
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	// Own process group so a stop reaches every child; Pdeathsig so the
