@@ -19,6 +19,7 @@ import (
 
 	"github.com/kubekms/kubekms/hierarchy"
 	"github.com/kubekms/kubekms/internal/testservers/localkms"
+	"github.com/kubekms/kubekms/internal/testservers/softhsm"
 	"github.com/kubekms/kubekms/test/e2e/cluster"
 )
 
@@ -41,7 +42,9 @@ const (
 // cluster, in parallel (each waits out the apiserver's 3-minute write TTL).
 func TestRevocation(t *testing.T) {
 	b := needBinaries(t)
-	t.Run("revoke and re-enable", func(t *testing.T) { t.Parallel(); testRevokeReEnable(t, b) })
+	for _, kb := range revocableBackends() {
+		t.Run("revoke and re-enable/"+kb.name, func(t *testing.T) { t.Parallel(); testRevokeReEnable(t, b, kb) })
+	}
 	t.Run("revoke an old version only", func(t *testing.T) { t.Parallel(); testRevokeOldVersion(t, b) })
 	t.Run("outage longer than the write TTL", func(t *testing.T) { t.Parallel(); testOutageInGrace(t, b) })
 }
@@ -201,16 +204,71 @@ func waitPluginKeyID(ctx context.Context, t *testing.T, p *cluster.Plugin, keyID
 	}
 }
 
-// testRevokeReEnable: `kubekms softkey disable --all` stops the apiserver's
-// writes within the bound, re-enabling resumes them with no restart, and an
-// apiserver restarted while the key is revoked cannot read what is under it.
-func testRevokeReEnable(t *testing.T, b binaries) {
+// revocableBackend is a key service whose key an operator can revoke (and,
+// where the service allows, enable again) while kubekms runs on it.
+type revocableBackend struct {
+	name string
+	// setup configures p (key URI, flags, environment) and returns the
+	// operator's revoke and enable actions (enable nil: revocation is final).
+	setup func(t *testing.T, p *cluster.Plugin) (revoke, enable func(ctx context.Context) error)
+	// detect bounds how long kubekms takes to see the change.
+	detect time.Duration
+}
+
+func revocableBackends() []revocableBackend {
+	return []revocableBackend{
+		{name: "softkey", detect: defaultProbeLoop, setup: func(t *testing.T, p *cluster.Plugin) (func(context.Context) error, func(context.Context) error) {
+			return func(ctx context.Context) error { return p.Softkey(ctx, "disable", "--all") },
+				func(ctx context.Context) error { return p.Softkey(ctx, "enable", "--all") }
+		}},
+		{name: "awskms DisableKey", detect: defaultProbeLoop, setup: func(t *testing.T, p *cluster.Plugin) (func(context.Context) error, func(context.Context) error) {
+			const key = "4b9d2e61-7a3c-4f58-9e1d-2c6b8a0f3e47"
+			srv := localkms.Start(t, localkms.Seed{AESKeys: []string{key}})
+			onLocalKMS(t, p, srv, key)
+			admin := srv.AdminClient()
+			return func(ctx context.Context) error {
+					_, err := admin.DisableKey(ctx, &kms.DisableKeyInput{KeyId: aws.String(key)})
+					return err
+				}, func(ctx context.Context) error {
+					_, err := admin.EnableKey(ctx, &kms.EnableKeyInput{KeyId: aws.String(key)})
+					return err
+				}
+		}},
+		{name: "pkcs11 key deleted", detect: defaultProbeLoop, setup: func(t *testing.T, p *cluster.Plugin) (func(context.Context) error, func(context.Context) error) {
+			tk := softhsm.StartForProcesses(t)
+			tk.Keygen(softhsm.KeyLabel)
+			p.KeyURI = tk.URI(";object="+softhsm.KeyLabel, "")
+			p.Args = append(p.Args, "--cluster-name", "e2e-revocation")
+			p.Env = append(p.Env, tk.Env()...)
+			return func(context.Context) error { tk.DeleteAll(); return nil }, nil
+		}},
+	}
+}
+
+// onLocalKMS points p at key in local-kms: the plugin runs in the server's
+// private network namespace, its socket (a file) is reachable from here.
+func onLocalKMS(t *testing.T, p *cluster.Plugin, srv *localkms.Server, key string) {
+	t.Helper()
+	p.KeyURI = "awskms:///" + localkms.KeyARN(key) + "?endpoint=" + srv.Endpoint()
+	p.Args = append(p.Args, "--cluster-name", "e2e-"+strings.ReplaceAll(strings.ToLower(t.Name()), "/", "-"))
+	p.Env = append(p.Env, localkms.ClientEnv(filepath.Join(t.TempDir(), "no-aws-config"))...)
+	ns := srv.NetNS()
+	p.Wrap = func(cmd []string) []string { return append([]string{"nsenter", "--net=" + ns, "--"}, cmd...) }
+}
+
+// testRevokeReEnable: an operator's revocation (softkey disable --all, AWS
+// DisableKey, deleting the HSM key) stops the apiserver's writes within the
+// bound; re-enabling resumes them with no restart; an apiserver restarted
+// while the key is revoked cannot read what is under it, and can again once
+// the key is enabled.
+func testRevokeReEnable(t *testing.T, b binaries, kb revocableBackend) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	p, err := cluster.NewPlugin(t, b.kubekms)
 	if err != nil {
 		t.Fatal(err)
 	}
+	revoke, enable := kb.setup(t, p)
 	c := startCluster(ctx, t, b, p)
 	const ns = "revoke"
 	acked := newWritten()
@@ -232,17 +290,17 @@ func testRevokeReEnable(t *testing.T, b binaries) {
 
 	// Revoke.
 	revoked := time.Now()
-	if err := p.Softkey(ctx, "disable", "--all"); err != nil {
+	if err := revoke(ctx); err != nil {
 		t.Fatal(err)
 	}
-	seen := waitPluginKeyID(ctx, t, p, hierarchy.StoppedKeyID, false, defaultProbeLoop+slack)
-	bound := defaultProbeLoop + apiserverWriteTTL + slack
+	seen := waitPluginKeyID(ctx, t, p, hierarchy.StoppedKeyID, false, kb.detect+slack)
+	bound := kb.detect + apiserverWriteTTL + slack
 	stopped, ok := wr.waitFor(t, revoked, true, bound+time.Minute)
 	if !ok {
 		t.Fatalf("the apiserver still accepted writes %s after the key was revoked (bound %s)", bound+time.Minute, bound)
 	}
-	t.Logf("MEASURED revocation: plugin reported %q after %.1f s; first refused write after %.1f s (bound %s = probe loop %s + apiserver write TTL %s + slack %s): %v",
-		hierarchy.StoppedKeyID, seen.Sub(revoked).Seconds(), stopped.at.Sub(revoked).Seconds(), bound, defaultProbeLoop, apiserverWriteTTL, slack, stopped.err)
+	t.Logf("MEASURED %s revocation: plugin reported %q after %.1f s; first refused write after %.1f s (bound %s = detection %s + apiserver write TTL %s + slack %s): %v",
+		kb.name, hierarchy.StoppedKeyID, seen.Sub(revoked).Seconds(), stopped.at.Sub(revoked).Seconds(), bound, kb.detect, apiserverWriteTTL, slack, stopped.err)
 	if d := stopped.at.Sub(revoked); d > bound {
 		t.Errorf("writes stopped %.1f s after revocation, over the bound %s", d.Seconds(), bound)
 	}
@@ -261,19 +319,27 @@ func testRevokeReEnable(t *testing.T, b binaries) {
 		t.Logf("MEASURED while revoked, the running apiserver still reads objects whose seed it cached (its own cache)")
 	}
 
+	if enable == nil {
+		// Revocation is final (a deleted HSM key): a restarted apiserver
+		// reads nothing under it.
+		wr.close()
+		restartRevoked(ctx, t, c, acked.snapshot())
+		return
+	}
+
 	// Re-enable: writes resume on their own.
 	enabled := time.Now()
-	if err := p.Softkey(ctx, "enable", "--all"); err != nil {
+	if err := enable(ctx); err != nil {
 		t.Fatal(err)
 	}
-	waitPluginKeyID(ctx, t, p, keyID, false, defaultProbeLoop+slack)
-	resumeBound := defaultProbeLoop + apiserverFailedRetry + slack
+	waitPluginKeyID(ctx, t, p, keyID, false, kb.detect+slack)
+	resumeBound := kb.detect + apiserverFailedRetry + slack
 	resumed, ok := wr.waitFor(t, enabled, false, resumeBound+time.Minute)
 	if !ok {
 		t.Fatalf("writes did not resume within %s of re-enabling the key", resumeBound+time.Minute)
 	}
-	t.Logf("MEASURED re-enable: first acknowledged write after %.1f s (bound %s = probe loop + apiserver retry %s + slack)",
-		resumed.at.Sub(enabled).Seconds(), resumeBound, apiserverFailedRetry)
+	t.Logf("MEASURED %s re-enable: first acknowledged write after %.1f s (bound %s = detection + apiserver retry %s + slack)",
+		kb.name, resumed.at.Sub(enabled).Seconds(), resumeBound, apiserverFailedRetry)
 	if d := resumed.at.Sub(enabled); d > resumeBound {
 		t.Errorf("writes resumed %.1f s after re-enabling, over the bound %s", d.Seconds(), resumeBound)
 	}
@@ -281,26 +347,14 @@ func testRevokeReEnable(t *testing.T, b binaries) {
 	wr.close()
 
 	// Revoke, then restart the apiserver: nothing under the key reads.
-	if err := p.Softkey(ctx, "disable", "--all"); err != nil {
+	if err := revoke(ctx); err != nil {
 		t.Fatal(err)
 	}
-	waitPluginKeyID(ctx, t, p, hierarchy.StoppedKeyID, false, defaultProbeLoop+slack)
-	restartOpts := c.opts
-	restartOpts.WaitPath = "/livez?exclude=kms-providers"
-	if _, err := c.api.Restart(ctx, restartOpts); err != nil {
-		t.Fatal(err)
-	}
+	waitPluginKeyID(ctx, t, p, hierarchy.StoppedKeyID, false, kb.detect+slack)
 	all := acked.snapshot()
-	if okReads, _ := readBack(ctx, c.api.Client, all); okReads != 0 {
-		t.Errorf("after an apiserver restart with the key revoked, %d of %d objects under it still read", okReads, len(all))
-	} else {
-		t.Logf("MEASURED after an apiserver restart with the key revoked: 0 of %d objects read", len(all))
-	}
-	if err := createSecret(ctx, c.api.Client, newWritten(), ns, "while-revoked", "x"); err == nil {
-		t.Error("a restarted apiserver wrote under a revoked key")
-	}
+	restartRevoked(ctx, t, c, all)
 	enabled = time.Now()
-	if err := p.Softkey(ctx, "enable", "--all"); err != nil {
+	if err := enable(ctx); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(resumeBound + time.Minute)
@@ -317,6 +371,25 @@ func testRevokeReEnable(t *testing.T, b binaries) {
 	t.Logf("MEASURED after re-enabling: all %d acknowledged objects read again after %.1f s, with no restart", len(all), time.Since(enabled).Seconds())
 	if err := createSecret(ctx, c.api.Client, acked, ns, "after-enable", "y"); err != nil {
 		t.Errorf("write after re-enabling: %v", err)
+	}
+}
+
+// restartRevoked restarts the apiserver while the key is revoked: none of
+// objs reads and no write is accepted.
+func restartRevoked(ctx context.Context, t *testing.T, c *kmsCluster, objs map[string]string) {
+	t.Helper()
+	restartOpts := c.opts
+	restartOpts.WaitPath = "/livez?exclude=kms-providers"
+	if _, err := c.api.Restart(ctx, restartOpts); err != nil {
+		t.Fatal(err)
+	}
+	if okReads, _ := readBack(ctx, c.api.Client, objs); okReads != 0 {
+		t.Errorf("after an apiserver restart with the key revoked, %d of %d objects under it still read", okReads, len(objs))
+	} else {
+		t.Logf("MEASURED after an apiserver restart with the key revoked: 0 of %d objects read", len(objs))
+	}
+	if err := createSecret(ctx, c.api.Client, newWritten(), "default", "while-revoked", "x"); err == nil {
+		t.Error("a restarted apiserver wrote under a revoked key")
 	}
 }
 
@@ -359,14 +432,20 @@ func testRevokeOldVersion(t *testing.T, b binaries) {
 	rotated := time.Now()
 	for i := 0; ; i++ {
 		name := fmt.Sprintf("probe-%d", i)
-		if err := createSecret(ctx, c.api.Client, current, ns, name, "probe"); err != nil {
+		probe := newWritten()
+		if err := createSecret(ctx, c.api.Client, probe, ns, name, "probe"); err != nil {
 			t.Fatal(err)
 		}
 		stored, err := c.etcd.ReadStored(ctx, "/registry/secrets/"+ns+"/"+name)
 		if err != nil {
 			t.Fatal(err)
 		}
+		under := old
 		if len(stored) == 1 && stored[0].KeyID() == v2 {
+			under = current
+		}
+		under.add("secrets", ns, name, "probe")
+		if under == current {
 			break
 		}
 		if time.Since(rotated) > 2*time.Minute {
@@ -392,13 +471,32 @@ func testRevokeOldVersion(t *testing.T, b binaries) {
 	if st, err := p.Status(ctx); err != nil || st.Healthz != "ok" || st.KeyId != v2 {
 		t.Errorf("plugin Status with only an old version disabled: %+v %v, want ok under %s", st, err, v2)
 	}
-	if _, err := c.api.Restart(ctx, c.opts); err != nil {
+	// Objects under the disabled version stay in etcd: the restarted
+	// apiserver's Secrets watch cache cannot list them, so its /readyz stays
+	// failing on informer-sync (migrate before disabling an old version).
+	restartOpts := c.opts
+	restartOpts.WaitPath = "/livez"
+	if _, err := c.api.Restart(ctx, restartOpts); err != nil {
 		t.Fatal(err)
 	}
+	time.Sleep(5 * time.Second)
+	code, body, _ := c.api.Get(ctx, "/readyz")
+	t.Logf("MEASURED after a restart with objects under a disabled old version in etcd: /readyz %d %s", code, firstFailing(body))
 	if okReads, _ := readBack(ctx, c.api.Client, old.snapshot()); okReads != 0 {
 		t.Errorf("after a restart, %d of %d objects under the disabled old version still read", okReads, len(old.snapshot()))
 	}
 	requireReadBack(ctx, t, c.api.Client, current.snapshot(), "objects under the current version, after a restart")
+}
+
+// firstFailing returns the failing checks of a /readyz or /livez answer.
+func firstFailing(body string) string {
+	var bad []string
+	for _, l := range strings.Split(body, "\n") {
+		if strings.HasPrefix(l, "[-]") {
+			bad = append(bad, l)
+		}
+	}
+	return strings.Join(bad, "; ")
 }
 
 // testOutageInGrace: the key service stops answering (SIGSTOP, so every call
@@ -414,11 +512,7 @@ func testOutageInGrace(t *testing.T, b binaries) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.KeyURI = "awskms:///" + localkms.KeyARN(keyA) + "?endpoint=" + srv.Endpoint()
-	p.Args = []string{"--cluster-name", "e2e-outage"}
-	p.Env = localkms.ClientEnv(filepath.Join(t.TempDir(), "no-aws-config"))
-	ns := srv.NetNS()
-	p.Wrap = func(cmd []string) []string { return append([]string{"nsenter", "--net=" + ns, "--"}, cmd...) }
+	onLocalKMS(t, p, srv, keyA)
 	c := startCluster(ctx, t, b, p)
 	if _, err := srv.AdminClient().DescribeKey(ctx, &kms.DescribeKeyInput{KeyId: aws.String(keyA)}); err != nil {
 		t.Fatal(err)

@@ -72,6 +72,16 @@ func Module(t testing.TB) string {
 // processes inherit it; Env returns it for an explicit environment.
 func Start(t testing.TB) *Token {
 	t.Helper()
+	tk := StartForProcesses(t)
+	t.Setenv("SOFTHSM2_CONF", tk.Conf)
+	return tk
+}
+
+// StartForProcesses makes the same token without touching the test's
+// environment, for tests (parallel ones too) that use it only from child
+// processes started with Env.
+func StartForProcesses(t testing.TB) *Token {
+	t.Helper()
 	tk := &Token{
 		t:      t,
 		util:   testutil.Binary(t, "KUBEKMS_SOFTHSM2_UTIL", "softhsm2-util"),
@@ -89,7 +99,6 @@ func Start(t testing.TB) *Token {
 	if err := os.WriteFile(tk.Conf, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	t.Setenv("SOFTHSM2_CONF", tk.Conf)
 	tk.PINFile = filepath.Join(tk.Dir, "pin")
 	if err := os.WriteFile(tk.PINFile, []byte(PIN+"\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -105,7 +114,9 @@ func (tk *Token) run(bin string, args ...string) string {
 	tk.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, bin, args...).CombinedOutput()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Env = append(os.Environ(), tk.Env()...)
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		tk.t.Fatalf("%s %s: %v\n%s", filepath.Base(bin), args[0], err, out)
 	}
