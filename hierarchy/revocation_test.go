@@ -10,6 +10,7 @@ import (
 
 	"github.com/kubekms/kubekms/hierarchy"
 	"github.com/kubekms/kubekms/keyservice"
+	"github.com/kubekms/kubekms/keyservice/keyservicetest"
 	"github.com/kubekms/kubekms/keyservice/softkey"
 )
 
@@ -85,29 +86,11 @@ func TestOutagePastGraceRefuses(t *testing.T) {
 	decrypt(t, h, encrypt(t, h))
 }
 
-// hangingService blocks every Probe while hang is set, until release closes.
-type hangingService struct {
-	keyservice.Service
-	hang    atomic.Bool
-	release chan struct{}
-}
-
-func (s *hangingService) Probe(ctx context.Context) (string, error) {
-	if s.hang.Load() {
-		select {
-		case <-s.release:
-		case <-ctx.Done():
-			return "", keyservice.Transient("probe", ctx.Err())
-		}
-	}
-	return s.Service.Probe(ctx)
-}
-
 // TestStatusAnswersWhileKeyServiceHangs: a probe that never answers must not
 // hold Status past its budget: it answers from the last known state.
 func TestStatusAnswersWhileKeyServiceHangs(t *testing.T) {
 	f := newFixture(t)
-	svc := &hangingService{Service: f.svc, release: make(chan struct{})}
+	svc := keyservicetest.NewHangingProbe(f.svc)
 	cfg := f.config()
 	cfg.StatusBudget = 50 * time.Millisecond
 	cfg.RemoteTimeout = time.Minute
@@ -119,11 +102,11 @@ func TestStatusAnswersWhileKeyServiceHangs(t *testing.T) {
 	released := false
 	t.Cleanup(func() {
 		if !released {
-			close(svc.release)
+			close(svc.Release)
 		}
 	})
 	keyID := h.Status(context.Background()).KeyID
-	svc.hang.Store(true)
+	svc.Hang.Store(true)
 	f.clock.Add(2 * time.Hour) // the last probe is stale: Status starts one, which hangs
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -135,7 +118,7 @@ func TestStatusAnswersWhileKeyServiceHangs(t *testing.T) {
 		t.Fatalf("Status during a hung probe: %+v, want the last known state (ok, %q)", st, keyID)
 	}
 	decrypt(t, h, encrypt(t, h)) // sealing does not wait for the probe either
-	close(svc.release)
+	close(svc.Release)
 	released = true
 }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -18,27 +17,10 @@ import (
 	"github.com/kubekms/kubekms/hierarchy"
 	"github.com/kubekms/kubekms/internal/metrics"
 	"github.com/kubekms/kubekms/keyservice"
+	"github.com/kubekms/kubekms/keyservice/keyservicetest"
 	"github.com/kubekms/kubekms/keyservice/softkey"
 	"github.com/kubekms/kubekms/plugin"
 )
-
-// hangingProbe blocks Probe while hang is set, until release closes.
-type hangingProbe struct {
-	keyservice.Service
-	hang    atomic.Bool
-	release chan struct{}
-}
-
-func (s *hangingProbe) Probe(ctx context.Context) (string, error) {
-	if s.hang.Load() {
-		select {
-		case <-s.release:
-		case <-ctx.Done():
-			return "", keyservice.Transient("probe", ctx.Err())
-		}
-	}
-	return s.Service.Probe(ctx)
-}
 
 // TestStatusWhileKeyServiceHangs: with a key service that stopped answering
 // (SIGSTOP), Status answers from the last known state within the budget, and
@@ -54,7 +36,7 @@ func TestStatusWhileKeyServiceHangs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc := &hangingProbe{Service: raw, release: make(chan struct{})}
+	svc := keyservicetest.NewHangingProbe(raw)
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
 	h, err := hierarchy.New(context.Background(), svc, hierarchy.Config{
@@ -75,7 +57,7 @@ func TestStatusWhileKeyServiceHangs(t *testing.T) {
 	released := false
 	t.Cleanup(func() {
 		if !released {
-			close(svc.release)
+			close(svc.Release)
 		}
 		cancel()
 		<-done
@@ -92,7 +74,7 @@ func TestStatusWhileKeyServiceHangs(t *testing.T) {
 	if err != nil || first.Healthz != "ok" {
 		t.Fatalf("before the hang: %v %+v", err, first)
 	}
-	svc.hang.Store(true)
+	svc.Hang.Store(true)
 	time.Sleep(10 * time.Millisecond) // the background loop is now stuck in a probe, and the last answer stale
 
 	// The apiserver's default: 3 s per call. The answer comes from the last
@@ -127,7 +109,7 @@ func TestStatusWhileKeyServiceHangs(t *testing.T) {
 	if ok := statusCount(t, reg, "OK"); ok != okBefore {
 		t.Fatalf("a Status that outlived its deadline was counted as OK (%v -> %v)", okBefore, ok)
 	}
-	close(svc.release)
+	close(svc.Release)
 	released = true
 }
 
