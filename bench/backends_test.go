@@ -18,14 +18,12 @@ package bench
 //
 // Backends: softkey (embedded keyring file), pkcs11 (real SoftHSM2), awskms
 // (real local-kms, reached through a loopback forwarder into its private
-// network namespace: one extra loopback hop per request) and vault-standin
-// (keyservice/vault/transittest, a STAND-IN for Vault on 127.0.0.1: HTTP and
-// JSON costs are real, a real Vault's are not measured).
+// network namespace: one extra loopback hop per request) and vault (a real
+// Vault v1.21.0 server with file storage on 127.0.0.1, plain http, token
+// auth, audit log on: what a default production Vault does per request).
 
 import (
 	"context"
-	"fmt"
-	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -36,13 +34,13 @@ import (
 	"github.com/kubekms/kubekms/hierarchy"
 	"github.com/kubekms/kubekms/internal/testservers/localkms"
 	"github.com/kubekms/kubekms/internal/testservers/softhsm"
+	"github.com/kubekms/kubekms/internal/testservers/vaultserver"
 	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/keyservice/awskms"
 	"github.com/kubekms/kubekms/keyservice/keyservicetest"
 	"github.com/kubekms/kubekms/keyservice/pkcs11"
 	"github.com/kubekms/kubekms/keyservice/softkey"
 	"github.com/kubekms/kubekms/keyservice/vault"
-	"github.com/kubekms/kubekms/keyservice/vault/transittest"
 )
 
 // backendSeed is what the apiserver sends: a 32-byte seed.
@@ -60,7 +58,7 @@ func benchBackends() []benchBackend {
 		{"softkey", openSoftkey},
 		{"pkcs11", openPKCS11},
 		{"awskms", openAWSKMS},
-		{"vault-standin", openVaultStandIn},
+		{"vault", openVault},
 	}
 }
 
@@ -108,27 +106,9 @@ func openAWSKMS(b *testing.B) keyservice.Service {
 	return mustOpen(b, awskms.Open, uri, keyservice.Options{ClusterName: "bench"})
 }
 
-func openVaultStandIn(b *testing.B) keyservice.Service {
-	srv := transittest.New(b, transittest.Options{})
-	req, err := http.NewRequestWithContext(benchCtx(b), http.MethodPost, srv.URL()+"/v1/transit/keys/kek", nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	req.Header.Set("X-Vault-Token", srv.RootToken())
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		b.Fatalf("create transit key: %v", err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode/100 != 2 {
-		b.Fatalf("create transit key: %s", resp.Status)
-	}
-	tokenFile := filepath.Join(b.TempDir(), "token")
-	if err := os.WriteFile(tokenFile, []byte(srv.CreateToken(0, false)+"\n"), 0o600); err != nil {
-		b.Fatal(err)
-	}
-	uri := fmt.Sprintf("hcvault://%s/transit/keys/kek?token-file=%s", srv.Addr(), tokenFile)
-	return mustOpen(b, vault.Open, uri, keyservice.Options{})
+func openVault(b *testing.B) keyservice.Service {
+	k := vaultserver.New(b, vaultserver.Options{}).NewTransitKey(b)
+	return mustOpen(b, vault.Open, k.URI(), keyservice.Options{})
 }
 
 func newHierarchy(b *testing.B, svc keyservice.Service, cfg hierarchy.Config) *hierarchy.Hierarchy {

@@ -124,3 +124,17 @@ func MainWithKubekms(m *testing.M, bin *string) int {
 	defer os.RemoveAll(dir)
 	return m.Run()
 }
+
+// TailFile returns the last lines of a log file (or why it cannot be read),
+// for a failed test's output.
+func TailFile(path string, lines int) string {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	parts := bytes.Split(bytes.TrimRight(data, "\n"), []byte("\n"))
+	if len(parts) > lines {
+		parts = parts[len(parts)-lines:]
+	}
+	return string(bytes.Join(parts, []byte("\n")))
+}

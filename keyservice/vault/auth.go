@@ -1,14 +1,12 @@
 package vault
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/url"
-	"os"
 	"sync"
 	"time"
 
@@ -24,14 +22,17 @@ const TTLNever time.Duration = -1
 // refresh loop into a busy loop.
 const minRefreshWait = 500 * time.Millisecond
 
-// session holds the client's token: it logs in (AppRole, Kubernetes) or
+// session holds the client's token: it logs in (AppRole, Kubernetes, JWT,
+// TLS certificate) or
 // reads the token file, renews the token at 2/3 of its TTL, and logs in
 // again when the token can no longer be renewed. Tokens, secret IDs and JWTs
 // are never logged or put into errors.
 type session struct {
-	client *api.Client
-	cfg    Config
-	log    *slog.Logger
+	client     *api.Client
+	certClient *api.Client // auth=cert: logs in on a fresh connection each time
+	cert       *clientCert // auth=cert: the certificate both clients present
+	cfg        Config
+	log        *slog.Logger
 
 	loginMu sync.Mutex // one login at a time
 
@@ -45,6 +46,7 @@ type session struct {
 	retryAt   time.Time // after a failed refresh
 	failures  int
 	fileStamp fileStamp // token-file mode: the file content the token came from
+	fileErr   string    // the last token-file problem logged, so it is logged once
 
 	wake chan struct{}
 }
@@ -54,8 +56,8 @@ type session struct {
 // request: size and mtime can miss a rewrite within one clock tick.
 type fileStamp string
 
-func newSession(client *api.Client, cfg Config, log *slog.Logger) *session {
-	return &session{client: client, cfg: cfg, log: log, wake: make(chan struct{}, 1)}
+func newSession(client, certClient *api.Client, cert *clientCert, cfg Config, log *slog.Logger) *session {
+	return &session{client: client, certClient: certClient, cert: cert, cfg: cfg, log: log, wake: make(chan struct{}, 1)}
 }
 
 // TokenTTL is the remaining lifetime of the current token: 0 when there is
@@ -70,6 +72,21 @@ func (s *session) TokenTTL() time.Duration {
 		return TTLNever
 	}
 	return max(0, time.Until(s.obtained.Add(s.ttl)))
+}
+
+// warnFile logs a token-file problem once (nil: the file is fine again).
+func (s *session) warnFile(err error) {
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	s.mu.Lock()
+	changed := msg != s.fileErr
+	s.fileErr = msg
+	s.mu.Unlock()
+	if changed && err != nil {
+		s.log.Warn("vault token file refused; keeping the token in use", "err", err)
+	}
 }
 
 func (s *session) poke() {
@@ -90,10 +107,15 @@ func (s *session) ensure(ctx context.Context) error {
 		_, now, err := readTokenFile(s.cfg.TokenFile)
 		if err != nil {
 			if have {
-				return nil // keep using the token we have; the file may be mid-rotation
+				// Keep using the token we have: the file may be
+				// mid-rotation, or was replaced by someone it must not
+				// come from.
+				s.warnFile(err)
+				return nil
 			}
 			return &authError{err: err}
 		}
+		s.warnFile(nil)
 		if have && stamp == now {
 			return nil
 		}
@@ -157,8 +179,10 @@ func (s *session) loginLocked(ctx context.Context) error {
 		}
 	case AuthAppRole:
 		token, ttl, renewable, err = s.loginAppRole(ctx)
-	case AuthKubernetes:
-		token, ttl, renewable, err = s.loginKubernetes(ctx)
+	case AuthKubernetes, AuthJWT:
+		token, ttl, renewable, err = s.loginJWT(ctx)
+	case AuthCert:
+		token, ttl, renewable, err = s.loginCert(ctx)
 	default:
 		return fmt.Errorf("vault auth method %q is not supported", s.cfg.Auth)
 	}
@@ -176,27 +200,11 @@ func (s *session) loginLocked(ctx context.Context) error {
 }
 
 func readTokenFile(path string) (string, fileStamp, error) {
-	b, err := os.ReadFile(path)
+	tok, err := readFile("token-file", path, secretFile)
 	if err != nil {
-		return "", "", fmt.Errorf("vault token-file: %w", err)
-	}
-	tok := string(bytes.TrimSpace(b))
-	if tok == "" {
-		return "", "", fmt.Errorf("vault token-file %s: %w", path, errEmptyFile)
+		return "", "", err
 	}
 	return tok, fileStamp(tok), nil
-}
-
-func readSecretFile(what, path string) (string, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", fmt.Errorf("vault %s: %w", what, err)
-	}
-	v := string(bytes.TrimSpace(b))
-	if v == "" {
-		return "", fmt.Errorf("vault %s %s: %w", what, path, errEmptyFile)
-	}
-	return v, nil
 }
 
 // lookupSelf asks the server about token (auth/token/lookup-self).
@@ -225,32 +233,48 @@ func (s *session) lookupSelf(ctx context.Context, token string) (time.Duration, 
 }
 
 func (s *session) loginAppRole(ctx context.Context) (string, time.Duration, bool, error) {
-	roleID, err := readSecretFile("role-id-file", s.cfg.RoleIDFile)
+	roleID, err := readFile("role-id-file", s.cfg.RoleIDFile, publicFile)
 	if err != nil {
 		return "", 0, false, err
 	}
 	body := map[string]any{"role_id": roleID}
 	if s.cfg.SecretIDFile != "" {
-		secretID, err := readSecretFile("secret-id-file", s.cfg.SecretIDFile)
+		secretID, err := readFile("secret-id-file", s.cfg.SecretIDFile, secretFile)
 		if err != nil {
 			return "", 0, false, err
 		}
 		body["secret_id"] = secretID
 	}
-	return s.loginWith(ctx, body)
+	return s.loginWith(ctx, s.client, body)
 }
 
-func (s *session) loginKubernetes(ctx context.Context) (string, time.Duration, bool, error) {
-	// Read the JWT at every login: projected service-account tokens rotate.
-	jwt, err := readSecretFile("jwt-file", s.cfg.JWTFile)
+// loginJWT serves auth=kubernetes and auth=jwt: both post a role and a JWT.
+func (s *session) loginJWT(ctx context.Context) (string, time.Duration, bool, error) {
+	// Read the JWT at every login: projected service-account tokens and
+	// workload-identity tokens rotate.
+	jwt, err := readFile("jwt-file", s.cfg.JWTFile, publicFile)
 	if err != nil {
 		return "", 0, false, err
 	}
-	return s.loginWith(ctx, map[string]any{"role": s.cfg.Role, "jwt": jwt})
+	return s.loginWith(ctx, s.client, map[string]any{"role": s.cfg.Role, "jwt": jwt})
 }
 
-func (s *session) loginWith(ctx context.Context, body map[string]any) (string, time.Duration, bool, error) {
-	c, err := s.client.CloneWithHeaders()
+// loginCert logs in with the TLS client certificate. It reads the
+// certificate files again, and the login client opens a new connection for
+// every login, so a renewed certificate is what the next login presents.
+func (s *session) loginCert(ctx context.Context) (string, time.Duration, bool, error) {
+	if err := s.cert.load(); err != nil {
+		return "", 0, false, err
+	}
+	body := map[string]any{}
+	if s.cfg.Role != "" {
+		body["name"] = s.cfg.Role
+	}
+	return s.loginWith(ctx, s.certClient, body)
+}
+
+func (s *session) loginWith(ctx context.Context, client *api.Client, body map[string]any) (string, time.Duration, bool, error) {
+	c, err := client.CloneWithHeaders()
 	if err != nil {
 		return "", 0, false, err
 	}
@@ -286,16 +310,32 @@ func (e *tidyError) Unwrap() error { return e.re }
 
 // tokenWorks reports whether the server still accepts the current token
 // (lookup-self is allowed by Vault's default policy). It tells a key-policy
-// 403 from an expired or revoked token.
-func (s *session) tokenWorks(ctx context.Context) bool {
+// 403 from an expired or revoked token. When the server does not answer the
+// lookup, it cannot tell: that is an error (transient), never "works".
+func (s *session) tokenWorks(ctx context.Context) (bool, error) {
 	_, err := s.client.Auth().Token().LookupSelfWithContext(ctx)
-	return !isStatus(err, 403)
+	switch {
+	case err == nil:
+		return true, nil
+	case isStatus(err, 403):
+		return false, nil
+	}
+	return false, &authError{err: fmt.Errorf("vault token lookup after a 403: %w", tidy(err)), network: !isResponse(err)}
+}
+
+func isResponse(err error) bool {
+	var re *api.ResponseError
+	return errors.As(err, &re)
 }
 
 // reauth handles a 403: when the token itself is no longer accepted it logs in
 // again (or re-reads the token file) and says whether to retry the request.
 func (s *session) reauth(ctx context.Context) (retry bool, err error) {
-	if s.tokenWorks(ctx) {
+	works, err := s.tokenWorks(ctx)
+	if err != nil {
+		return false, err
+	}
+	if works {
 		return false, nil // the token is fine: the key's policy denies us
 	}
 	s.log.Warn("vault token rejected; authenticating again", "auth", s.cfg.Auth)
@@ -309,7 +349,7 @@ func (s *session) reauth(ctx context.Context) (retry bool, err error) {
 	changed := s.token != oldToken
 	s.mu.Unlock()
 	if !changed {
-		return false, fmt.Errorf("vault token-file %s: %w", s.cfg.TokenFile, errTokenInvalid)
+		return false, &authError{err: fmt.Errorf("vault token-file %s: %w", s.cfg.TokenFile, errTokenInvalid)}
 	}
 	return true, nil
 }

@@ -34,11 +34,27 @@ func responseError(re *api.ResponseError) error {
 	if u, err := url.Parse(re.URL); err == nil {
 		path = u.Path
 	}
-	msg := strings.Join(re.Errors, "; ")
+	msg := strings.Join(errorLines(re.Errors), "; ")
 	if msg == "" {
 		msg = http.StatusText(re.StatusCode)
 	}
 	return fmt.Errorf("%s %s: HTTP %d: %s", re.HTTPMethod, path, re.StatusCode, msg)
+}
+
+// errorLines flattens Vault's error texts, which often read
+// "1 error occurred:\n\t* permission denied\n\n", to their messages.
+func errorLines(errs []string) []string {
+	var out []string
+	for _, e := range errs {
+		for _, l := range strings.Split(e, "\n") {
+			l = strings.TrimPrefix(strings.TrimSpace(l), "* ")
+			if l == "" || strings.HasSuffix(l, "error occurred:") || strings.HasSuffix(l, "errors occurred:") {
+				continue
+			}
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 func isStatus(err error, code int) bool {

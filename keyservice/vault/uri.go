@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -16,7 +17,16 @@ const (
 	AuthToken      = "token"
 	AuthAppRole    = "approle"
 	AuthKubernetes = "kubernetes"
+	// AuthJWT logs in with a JWT from a file (a workload-identity agent's
+	// token): for static pods, which have no service-account token.
+	AuthJWT = "jwt"
+	// AuthCert logs in with a TLS client certificate (https only): for
+	// static pods and hosts with a machine certificate.
+	AuthCert = "cert"
 )
+
+// authMethods lists the auth= values, for messages.
+const authMethods = "token, approle, kubernetes, jwt or cert"
 
 // DefaultJWTFile is where Kubernetes mounts a pod's service-account token.
 const DefaultJWTFile = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -45,7 +55,7 @@ type Config struct {
 	// CAFile is a PEM bundle that replaces the system roots (https only).
 	CAFile string
 
-	// Auth is AuthToken, AuthAppRole or AuthKubernetes.
+	// Auth is AuthToken, AuthAppRole, AuthKubernetes, AuthJWT or AuthCert.
 	Auth string
 	// AuthMount is the path the auth method is mounted at (default: its name).
 	AuthMount string
@@ -53,8 +63,14 @@ type Config struct {
 	TokenFile string
 	// RoleIDFile and SecretIDFile hold the AppRole credentials.
 	RoleIDFile, SecretIDFile string
-	// Role is the Kubernetes auth role; JWTFile the service-account token.
+	// Role is the Kubernetes or JWT auth role (required), or the cert auth
+	// role to log in against (optional); JWTFile holds the service-account
+	// token or JWT.
 	Role, JWTFile string
+	// CertFile and KeyFile are the PEM client certificate (chain) and key
+	// for AuthCert, read at every TLS handshake so a renewed certificate is
+	// used from the next login on.
+	CertFile, KeyFile string
 }
 
 // KeyPath is the key's identity used in key IDs: "[namespace/]mount/name".
@@ -69,6 +85,7 @@ func (c Config) KeyPath() string {
 var queryKeys = map[string]bool{
 	"auth": true, "token-file": true, "role-id-file": true, "secret-id-file": true,
 	"role": true, "jwt-file": true, "auth-mount": true, "namespace": true, "ca-file": true,
+	"cert-file": true, "key-file": true,
 }
 
 // ParseURI parses a Vault Transit key URI:
@@ -77,9 +94,9 @@ var queryKeys = map[string]bool{
 //	vault+https://host:8200/kms/transit/keys/<name>?auth=approle&... (https)
 //
 // The path before "/keys/" is the transit mount. Query options: auth
-// (token|approle|kubernetes), token-file, role-id-file, secret-id-file, role,
-// jwt-file, auth-mount, namespace, ca-file. Credentials are only ever read
-// from files, never taken from the URI.
+// (token|approle|kubernetes|jwt|cert), token-file, role-id-file,
+// secret-id-file, role, jwt-file, cert-file, key-file, auth-mount, namespace,
+// ca-file. Credentials are only ever read from files, never taken from the URI.
 func ParseURI(uri string) (Config, error) {
 	var c Config
 	if len(uri) > maxURILen {
@@ -211,6 +228,7 @@ func (c *Config) parseQuery(raw, httpScheme string) error {
 	}
 	c.TokenFile, c.RoleIDFile, c.SecretIDFile = get("token-file"), get("role-id-file"), get("secret-id-file")
 	c.Role, c.JWTFile, c.AuthMount = get("role"), get("jwt-file"), get("auth-mount")
+	c.CertFile, c.KeyFile = get("cert-file"), get("key-file")
 	c.CAFile = get("ca-file")
 	c.Namespace = strings.Trim(get("namespace"), "/")
 	if q.Has("namespace") {
@@ -223,12 +241,17 @@ func (c *Config) parseQuery(raw, httpScheme string) error {
 	}
 
 	// Options that belong to another auth method are mistakes, not no-ops.
-	for _, o := range []struct{ opt, method string }{
-		{"token-file", AuthToken}, {"role-id-file", AuthAppRole}, {"secret-id-file", AuthAppRole},
-		{"role", AuthKubernetes}, {"jwt-file", AuthKubernetes},
+	for _, o := range []struct {
+		opt     string
+		methods []string
+	}{
+		{"token-file", []string{AuthToken}}, {"role-id-file", []string{AuthAppRole}},
+		{"secret-id-file", []string{AuthAppRole}}, {"role", []string{AuthKubernetes, AuthJWT, AuthCert}},
+		{"jwt-file", []string{AuthKubernetes, AuthJWT}}, {"cert-file", []string{AuthCert}},
+		{"key-file", []string{AuthCert}},
 	} {
-		if q.Has(o.opt) && c.Auth != o.method {
-			return fmt.Errorf("vault key URI option %s needs auth=%s (auth is %s)", o.opt, o.method, c.Auth)
+		if q.Has(o.opt) && !slices.Contains(o.methods, c.Auth) {
+			return fmt.Errorf("vault key URI option %s needs auth=%s (auth is %s)", o.opt, strings.Join(o.methods, " or auth="), c.Auth)
 		}
 	}
 	switch c.Auth {
@@ -250,8 +273,22 @@ func (c *Config) parseQuery(raw, httpScheme string) error {
 		if c.JWTFile == "" {
 			c.JWTFile = DefaultJWTFile
 		}
+	case AuthJWT:
+		if c.Role == "" {
+			return errors.New("vault key URI with auth=jwt needs role=<vault role>")
+		}
+		if c.JWTFile == "" {
+			return errors.New("vault key URI with auth=jwt needs jwt-file=/path/to/jwt")
+		}
+	case AuthCert:
+		if c.CertFile == "" || c.KeyFile == "" {
+			return errors.New("vault key URI with auth=cert needs cert-file=/path and key-file=/path (the client certificate and its key)")
+		}
+		if httpScheme != "https" {
+			return errors.New("vault key URI with auth=cert needs an https scheme (vault+https://): client certificates need TLS")
+		}
 	default:
-		return fmt.Errorf("vault key URI auth=%q: want token, approle or kubernetes", c.Auth)
+		return fmt.Errorf("vault key URI auth=%q: want %s", c.Auth, authMethods)
 	}
 	if c.Auth != AuthToken {
 		if c.AuthMount == "" {
@@ -269,7 +306,7 @@ func (c *Config) parseQuery(raw, httpScheme string) error {
 	}
 	for _, f := range []struct{ opt, path string }{
 		{"token-file", c.TokenFile}, {"role-id-file", c.RoleIDFile}, {"secret-id-file", c.SecretIDFile},
-		{"jwt-file", c.JWTFile}, {"ca-file", c.CAFile},
+		{"jwt-file", c.JWTFile}, {"ca-file", c.CAFile}, {"cert-file", c.CertFile}, {"key-file", c.KeyFile},
 	} {
 		if f.path != "" && !filepath.IsAbs(f.path) {
 			return fmt.Errorf("vault key URI option %s=%q must be an absolute path", f.opt, f.path)

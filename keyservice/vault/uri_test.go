@@ -1,6 +1,7 @@
 package vault
 
 import (
+	"slices"
 	"strings"
 	"testing"
 )
@@ -21,6 +22,15 @@ func TestParseURI(t *testing.T) {
 		{"hcvault://h:1/transit/keys/x?auth=kubernetes&role=kms&auth-mount=/k8s/prod/", Config{
 			Address: "http://h:1", Mount: "transit", Key: "x", Auth: AuthKubernetes, AuthMount: "k8s/prod",
 			Role: "kms", JWTFile: DefaultJWTFile}},
+		{"vault+https://h:1/transit/keys/x?auth=cert&cert-file=/c.pem&key-file=/k.pem&role=node", Config{
+			Address: "https://h:1", Mount: "transit", Key: "x", Auth: AuthCert, AuthMount: "cert",
+			CertFile: "/c.pem", KeyFile: "/k.pem", Role: "node"}},
+		{"vault+https://h:1/transit/keys/x?auth=cert&cert-file=/c.pem&key-file=/k.pem", Config{
+			Address: "https://h:1", Mount: "transit", Key: "x", Auth: AuthCert, AuthMount: "cert",
+			CertFile: "/c.pem", KeyFile: "/k.pem"}},
+		{"hcvault://h:1/transit/keys/x?auth=jwt&role=kms&jwt-file=/run/wi/token&auth-mount=spiffe", Config{
+			Address: "http://h:1", Mount: "transit", Key: "x", Auth: AuthJWT, AuthMount: "spiffe",
+			Role: "kms", JWTFile: "/run/wi/token"}},
 		{"hcvault://h:1/keys/keys/keys?token-file=/t", Config{
 			Address: "http://h:1", Mount: "keys", Key: "keys", Auth: AuthToken, TokenFile: "/t"}},
 	}
@@ -58,12 +68,20 @@ func TestParseURI(t *testing.T) {
 		{"hcvault://h/transit/keys/x?token-file=", "empty"},
 		{"hcvault://h/transit/keys/x?tokenfile=/t", "unknown"},
 		{"hcvault://h/transit/keys/x?token-file=/t&ca-file=/ca", "https"},
-		{"hcvault://h/transit/keys/x?auth=ldap", "want token, approle or kubernetes"},
+		{"hcvault://h/transit/keys/x?auth=ldap", "want token, approle, kubernetes, jwt or cert"},
+		{"hcvault://h/transit/keys/x?auth=jwt&jwt-file=/j", "role="},
+		{"hcvault://h/transit/keys/x?auth=jwt&role=r", "jwt-file="},
+		{"hcvault://h/transit/keys/x?auth=cert&cert-file=/c&key-file=/k", "https"},
+		{"vault+https://h/transit/keys/x?auth=cert&cert-file=/c", "key-file"},
+		{"vault+https://h/transit/keys/x?auth=cert&key-file=/k", "cert-file"},
+		{"vault+https://h/transit/keys/x?auth=cert&cert-file=c&key-file=/k", "absolute"},
+		{"vault+https://h/transit/keys/x?auth=cert&cert-file=/c&key-file=/k&jwt-file=/j", "needs auth=kubernetes or auth=jwt"},
+		{"hcvault://h/transit/keys/x?token-file=/t&cert-file=/c", "needs auth=cert"},
 		{"hcvault://h/transit/keys/x?auth=approle", "role-id-file"},
 		{"hcvault://h/transit/keys/x?auth=approle&role-id-file=/r&token-file=/t", "needs auth=token"},
 		{"hcvault://h/transit/keys/x?auth=kubernetes", "role="},
 		{"hcvault://h/transit/keys/x?auth=kubernetes&role=a&secret-id-file=/s", "needs auth=approle"},
-		{"hcvault://h/transit/keys/x?token-file=/t&role=r", "needs auth=kubernetes"},
+		{"hcvault://h/transit/keys/x?token-file=/t&role=r", "needs auth=kubernetes or auth=jwt or auth=cert"},
 		{"hcvault://h/transit/keys/x?token-file=/t&auth-mount=x", "does not apply"},
 		{"hcvault://h/transit/keys/x?token-file=/t&namespace=a/../b", "not allowed"},
 		{"hcvault://h/transit/keys/x?token-file=/t&x=%zz", "query"},
@@ -105,6 +123,8 @@ func FuzzParseURI(f *testing.F) {
 		"hcvault://127.0.0.1:8200/transit/keys/kek?token-file=/t",
 		"vault+https://h/kms/transit/keys/k?auth=approle&role-id-file=/r&secret-id-file=/s&namespace=a/b",
 		"hcvault+https://[::1]/transit/keys/k?auth=kubernetes&role=r&ca-file=/ca",
+		"vault+https://h/transit/keys/k?auth=cert&cert-file=/c&key-file=/k&role=node",
+		"hcvault://h/transit/keys/k?auth=jwt&role=r&jwt-file=/j",
 		"hcvault://h/../keys/x?token-file=/t",
 		"hcvault://u:p@h/t/keys/x#f",
 	} {
@@ -123,7 +143,7 @@ func FuzzParseURI(f *testing.F) {
 		if c.Key == "" || c.Mount == "" || strings.Contains(c.Key, "/") {
 			t.Fatalf("bad mount %q / key %q from %q", c.Mount, c.Key, uri)
 		}
-		if c.Auth != AuthToken && c.Auth != AuthAppRole && c.Auth != AuthKubernetes {
+		if !slices.Contains([]string{AuthToken, AuthAppRole, AuthKubernetes, AuthJWT, AuthCert}, c.Auth) {
 			t.Fatalf("auth %q from %q", c.Auth, uri)
 		}
 		for _, seg := range strings.Split(c.Mount+"/"+c.Key, "/") {

@@ -45,7 +45,10 @@ type Service struct {
 	versions map[int]int64 // version -> creation (unix seconds) from the last key read
 }
 
-var _ keyservice.Service = (*Service)(nil)
+var (
+	_ keyservice.Service        = (*Service)(nil)
+	_ keyservice.VersionChecker = (*Service)(nil)
+)
 
 // Open opens the key a Vault Transit key URI names (see ParseURI).
 func Open(ctx context.Context, uri string, opts keyservice.Options) (keyservice.Service, error) {
@@ -60,19 +63,39 @@ func Open(ctx context.Context, uri string, opts keyservice.Options) (keyservice.
 // upkeep; it does not wait for the server, so a plugin can start while Vault
 // is down (the first request then logs in).
 func New(ctx context.Context, cfg Config, opts keyservice.Options) (*Service, error) {
-	client, transport, err := newClient(cfg)
-	if err != nil {
-		return nil, err
-	}
-	for _, f := range []struct{ what, path string }{
-		{"token-file", cfg.TokenFile}, {"role-id-file", cfg.RoleIDFile},
-		{"secret-id-file", cfg.SecretIDFile}, {"jwt-file", cfg.JWTFile},
+	// Refuse credential files others could read or replace before anything
+	// is read from them; they are checked again at every read.
+	for _, f := range []struct {
+		what, path string
+		kind       fileKind
+	}{
+		{"token-file", cfg.TokenFile, secretFile}, {"role-id-file", cfg.RoleIDFile, publicFile},
+		{"secret-id-file", cfg.SecretIDFile, secretFile}, {"jwt-file", cfg.JWTFile, publicFile},
+		{"cert-file", cfg.CertFile, publicFile}, {"key-file", cfg.KeyFile, secretFile},
+		{"ca-file", cfg.CAFile, publicFile},
 	} {
 		if f.path == "" {
 			continue
 		}
-		if _, err := os.Stat(f.path); err != nil {
-			return nil, fmt.Errorf("vault %s: %w", f.what, err)
+		if err := checkFile(f.what, f.path, f.kind); err != nil {
+			return nil, err
+		}
+	}
+	var cert *clientCert
+	if cfg.Auth == AuthCert {
+		cert = &clientCert{certFile: cfg.CertFile, keyFile: cfg.KeyFile}
+		if err := cert.load(); err != nil {
+			return nil, err
+		}
+	}
+	client, transport, err := newClient(cfg, cert, false)
+	if err != nil {
+		return nil, err
+	}
+	var certClient *api.Client
+	if cert != nil {
+		if certClient, _, err = newClient(cfg, cert, true); err != nil {
+			return nil, err
 		}
 	}
 	log := opts.LoggerOrDiscard().With("keyservice", "vault", "key", cfg.KeyPath())
@@ -81,7 +104,7 @@ func New(ctx context.Context, cfg Config, opts keyservice.Options) (*Service, er
 		cfg:    cfg,
 		client: client,
 		idle:   transport.CloseIdleConnections,
-		sess:   newSession(client, cfg, log),
+		sess:   newSession(client, certClient, cert, cfg, log),
 		log:    log,
 		stop:   stop,
 		done:   make(chan struct{}),
@@ -95,10 +118,16 @@ func New(ctx context.Context, cfg Config, opts keyservice.Options) (*Service, er
 
 // newClient builds an API client from cfg alone: the client's defaults read
 // VAULT_* variables (VAULT_SKIP_VERIFY among them), which must not silently
-// change a key service's TLS or token.
-func newClient(cfg Config) (*api.Client, *http.Transport, error) {
+// change a key service's TLS or token. With cert set, the client presents
+// that certificate when the server asks for one; fresh opens a new
+// connection for every request (the cert-auth login client).
+func newClient(cfg Config, cert *clientCert, fresh bool) (*api.Client, *http.Transport, error) {
 	transport := http.DefaultTransport.(*http.Transport).Clone()
 	transport.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	transport.DisableKeepAlives = fresh
+	if cert != nil {
+		transport.TLSClientConfig.GetClientCertificate = cert.get
+	}
 	if cfg.CAFile != "" {
 		pem, err := os.ReadFile(cfg.CAFile)
 		if err != nil {
@@ -117,10 +146,11 @@ func newClient(cfg Config) (*api.Client, *http.Transport, error) {
 			// The client follows Vault's standby redirects itself.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
-		Timeout:      30 * time.Second,
-		MaxRetries:   2,
-		MinRetryWait: 500 * time.Millisecond,
-		MaxRetryWait: 1500 * time.Millisecond,
+		Timeout: 30 * time.Second,
+		// One HTTP attempt per call: the hierarchy retries transient errors
+		// with its own backoff within the caller's deadline, and Status
+		// must learn of an outage within its budget.
+		MaxRetries: 0,
 	}
 	client, err := api.NewClient(conf)
 	if err != nil {
@@ -181,8 +211,9 @@ func (s *Service) keyPath(action string) string {
 
 // keyInfo is what Probe and the key-ID check need from a key read.
 type keyInfo struct {
-	latest   int
-	versions map[int]int64
+	latest        int
+	minDecryption int           // min_decryption_version (at least 1)
+	versions      map[int]int64 // the versions that can decrypt, by creation time
 }
 
 // readKey reads the transit key and refreshes the version cache.
@@ -215,7 +246,12 @@ func parseKeyInfo(data map[string]any) (keyInfo, error) {
 	if !ok {
 		return keyInfo{}, errors.New("key read has no keys map")
 	}
-	info := keyInfo{latest: latest, versions: make(map[int]int64, len(raw))}
+	info := keyInfo{latest: latest, minDecryption: 1, versions: make(map[int]int64, len(raw))}
+	if v, ok := data["min_decryption_version"]; ok {
+		if info.minDecryption, err = jsonInt(v); err != nil || info.minDecryption < 1 || info.minDecryption > latest {
+			return keyInfo{}, fmt.Errorf("key read has an invalid min_decryption_version (%v)", v)
+		}
+	}
 	for k, v := range raw {
 		ver, err := strconv.Atoi(k)
 		if err != nil || ver < 1 {
@@ -225,7 +261,11 @@ func parseKeyInfo(data map[string]any) (keyInfo, error) {
 		if err != nil {
 			return keyInfo{}, fmt.Errorf("key version %d: %w", ver, err)
 		}
-		info.versions[ver] = created
+		// Vault archives the versions below min_decryption_version and no
+		// longer lists them; drop any that a server still lists.
+		if ver >= info.minDecryption {
+			info.versions[ver] = created
+		}
 	}
 	if _, ok := info.versions[latest]; !ok {
 		return keyInfo{}, fmt.Errorf("key read lists no version %d (the latest)", latest)
@@ -295,6 +335,34 @@ func (s *Service) created(ctx context.Context, op string, version int, want int6
 	}
 	c, ok = info.versions[version]
 	return c, ok, nil
+}
+
+// CheckKeyID says whether the version behind an older key ID can still
+// decrypt (keyservice.VersionChecker), from a key read (no crypto): revoked
+// when the key is gone or re-created, when the version is below
+// min_decryption_version, or when the policy no longer grants the key read.
+// Raising min_decryption_version thus cuts access to the data the older
+// versions protected within the plugin's revocation bound.
+func (s *Service) CheckKeyID(ctx context.Context, keyID string) error {
+	const op = "check"
+	path, version, created, err := parseKeyID(keyID)
+	if err != nil {
+		return keyservice.Invalid(op, err)
+	}
+	if path != s.cfg.KeyPath() {
+		return keyservice.Invalid(op, fmt.Errorf("key ID %q belongs to another key than %s", keyID, s.cfg.KeyPath()))
+	}
+	info, err := s.readKey(ctx, op)
+	if err != nil {
+		return err
+	}
+	if version < info.minDecryption {
+		return keyservice.Revoked(op, fmt.Errorf("transit key %s: version %d of key ID %q is below min_decryption_version %d", s.cfg.KeyPath(), version, keyID, info.minDecryption))
+	}
+	if have, ok := info.versions[version]; !ok || have != created {
+		return keyservice.Revoked(op, fmt.Errorf("transit key %s no longer has the version of key ID %q (deleted or re-created)", s.cfg.KeyPath(), keyID))
+	}
+	return nil
 }
 
 // Probe reads the key (no crypto) and returns the current key ID, so a

@@ -4,39 +4,33 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"os"
-	"path/filepath"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/hashicorp/vault/api"
-
+	"github.com/kubekms/kubekms/hierarchy"
 	"github.com/kubekms/kubekms/hierarchy/hierarchytest"
+	"github.com/kubekms/kubekms/internal/testservers/vaultserver"
 	"github.com/kubekms/kubekms/internal/testutil"
 	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/keyservice/keyservicetest"
 	"github.com/kubekms/kubekms/keyservice/vault"
-	"github.com/kubekms/kubekms/keyservice/vault/transittest"
 )
+
+// Every test here runs against a real Vault server (internal/testservers/
+// vaultserver: file storage, initialized and unsealed, on 127.0.0.1).
 
 func ctx(t *testing.T) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)
 	return c
-}
-
-func writeFile(t *testing.T, path, content string) string {
-	t.Helper()
-	// Write-and-rename, the way Vault Agent and kubelet replace files.
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, []byte(content+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		t.Fatal(err)
-	}
-	return path
 }
 
 func debugLogger(buf *testutil.SyncBuffer) *slog.Logger {
@@ -53,263 +47,161 @@ func open(t *testing.T, uri string, log *slog.Logger) *vault.Service {
 	return svc.(*vault.Service)
 }
 
-func adminClient(t *testing.T, addr, token, namespace string) *api.Client {
+// newKey starts a server with one transit key.
+func newKey(t *testing.T, opts vaultserver.Options) *vaultserver.TransitKey {
+	return vaultserver.New(t, opts).NewTransitKey(t)
+}
+
+// keyVersion is N of a key ID "vault:<path>:v<N>:<created>".
+func keyVersion(t *testing.T, keyID string) int {
 	t.Helper()
-	conf := api.DefaultConfig()
-	conf.Address = addr
-	c, err := api.NewClient(conf)
+	parts := strings.Split(keyID, ":")
+	if len(parts) != 4 || !strings.HasPrefix(parts[2], "v") {
+		t.Fatalf("key ID %q is not a vault key ID", keyID)
+	}
+	v, err := strconv.Atoi(parts[2][1:])
+	if err != nil {
+		t.Fatalf("key ID %q: %v", keyID, err)
+	}
+	return v
+}
+
+// harness drives the key as the shared suites need: Disable removes the
+// key's policy (the token stays valid), Stop/Start restart the server on its
+// storage, RevokeVersion raises min_decryption_version above the version.
+func harness(k *vaultserver.TransitKey) keyservicetest.Harness {
+	return keyservicetest.Harness{
+		Open:    func(t *testing.T) keyservice.Service { return open(t, k.URI(), nil) },
+		Rotate:  func(t *testing.T) { k.Rotate(t) },
+		Disable: func(t *testing.T) { k.RemovePolicy(t) },
+		Enable:  func(t *testing.T) { k.RestorePolicy(t) },
+		Stop:    func(t *testing.T) { k.Server.Stop(t) },
+		Start:   func(t *testing.T) { k.Server.Start(t) },
+		RevokeVersion: func(t *testing.T, keyID string) {
+			k.SetMinDecryptionVersion(t, keyVersion(t, keyID)+1)
+		},
+	}
+}
+
+func TestContract(t *testing.T) {
+	keyservicetest.Run(t, harness(newKey(t, vaultserver.Options{})))
+}
+
+// TestContractTLS runs the contract over https with the server's CA in
+// ca-file=.
+func TestContractTLS(t *testing.T) {
+	keyservicetest.Run(t, harness(newKey(t, vaultserver.Options{TLS: true})))
+}
+
+func TestHierarchy(t *testing.T) {
+	hierarchytest.RunBackend(t, harness(newKey(t, vaultserver.Options{})))
+}
+
+// TestSealedIsAnOutage: a sealed Vault answers 503. That is an outage
+// (transient), never a revocation: cached local KEKs keep working and
+// nothing is dropped; after unsealing everything works again.
+func TestSealedIsAnOutage(t *testing.T) {
+	k := newKey(t, vaultserver.Options{})
+	svc := open(t, k.URI(), nil)
+	hy, err := hierarchy.New(ctx(t), svc, hierarchy.Config{RevocationBound: 100 * time.Millisecond, ProbeInterval: 100 * time.Millisecond, RemoteTimeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.SetToken(token)
-	c.SetNamespace(namespace)
-	return c
-}
-
-// standIn is a stand-in server with one key and a renewable token in a file.
-type standIn struct {
-	srv       *transittest.Server
-	admin     *api.Client
-	dir       string
-	tokenFile string
-	uri       string
-}
-
-func newStandIn(t *testing.T) *standIn {
-	srv := transittest.New(t, transittest.Options{Mounts: []string{"transit", "kms/transit"}})
-	e := &standIn{srv: srv, admin: adminClient(t, srv.URL(), srv.RootToken(), ""), dir: t.TempDir()}
-	if _, err := e.admin.Logical().Write("kms/transit/keys/kek", nil); err != nil {
+	t.Cleanup(hy.Close)
+	sealed, err := hy.Encrypt(ctx(t), []byte("0123456789abcdef0123456789abcdef"))
+	if err != nil {
 		t.Fatal(err)
 	}
-	e.tokenFile = writeFile(t, filepath.Join(e.dir, "token"), srv.CreateToken(time.Hour, true))
-	e.uri = fmt.Sprintf("hcvault://%s/kms/transit/keys/kek?token-file=%s", srv.Addr(), e.tokenFile)
-	return e
-}
-
-func TestContractStandIn(t *testing.T) {
-	keyservicetest.Run(t, newStandIn(t).harness())
-}
-
-// TestHierarchyStandIn runs the local key hierarchy's shared-behaviour suite
-// over this backend and the stand-in.
-func TestHierarchyStandIn(t *testing.T) {
-	hierarchytest.RunBackend(t, newStandIn(t).harness())
-}
-
-func (e *standIn) harness() keyservicetest.Harness {
-	return keyservicetest.Harness{
-		Open: func(t *testing.T) keyservice.Service { return open(t, e.uri, nil) },
-		Rotate: func(t *testing.T) {
-			if _, err := e.admin.Logical().Write("kms/transit/keys/kek/rotate", nil); err != nil {
-				t.Fatal(err)
-			}
-		},
-		Disable: func(*testing.T) { e.srv.Deny(true) },
-		Enable:  func(*testing.T) { e.srv.Deny(false) },
-		Stop:    func(*testing.T) { e.srv.Stop() },
-		Start: func(t *testing.T) {
-			if err := e.srv.Start(); err != nil {
-				t.Fatal(err)
-			}
-		},
-	}
-}
-
-func TestTokenFileReread(t *testing.T) {
-	e := newStandIn(t)
-	var logs testutil.SyncBuffer
-	svc := open(t, e.uri, debugLogger(&logs))
-	if _, err := svc.Probe(ctx(t)); err != nil {
-		t.Fatal(err)
-	}
-	// A new token in the file is used from the next request on, while the
-	// old one still works.
-	fresh := e.srv.CreateToken(time.Hour, true)
-	writeFile(t, e.tokenFile, fresh)
-	if _, err := svc.Probe(ctx(t)); err != nil {
-		t.Fatal(err)
-	}
-	if e.srv.Uses(fresh) == 0 {
-		t.Fatal("the rewritten token file was not re-read")
-	}
-	// Vault Agent writes a new token; the old one is revoked at once.
-	next := e.srv.CreateToken(time.Hour, true)
-	writeFile(t, e.tokenFile, next)
-	e.srv.RevokeToken(strings.TrimSpace(fresh))
-	if _, err := svc.Probe(ctx(t)); err != nil {
-		t.Fatalf("Probe after the token file changed: %v", err)
-	}
-
-	// The token is revoked but the file still holds it: not a revoked key.
-	e.srv.RevokeToken(next)
-	_, err := svc.Probe(ctx(t))
-	if err == nil || keyservice.Classify(err) == keyservice.ClassRevoked {
-		t.Fatalf("Probe with a dead token: %v (class %v), want an unclassified auth error", err, keyservice.Classify(err))
-	}
-	if !strings.Contains(err.Error(), "invalid or expired") {
-		t.Fatalf("error does not say what is wrong: %v", err)
-	}
-	for _, secret := range []string{strings.TrimSpace(fresh), next} {
-		if strings.Contains(err.Error(), secret) || strings.Contains(logs.String(), secret) {
-			t.Fatal("a token leaked into an error or a log")
-		}
-	}
-}
-
-func TestAppRoleLogin(t *testing.T) {
-	e := newStandIn(t)
-	roleID, secretID := "role-1234", "secret-5678-very-secret"
-	e.srv.AddAppRole("approle-kms", roleID, secretID, time.Hour, 0)
-	roleFile := writeFile(t, filepath.Join(e.dir, "role-id"), roleID)
-	secretFile := writeFile(t, filepath.Join(e.dir, "secret-id"), secretID)
-	uri := fmt.Sprintf("hcvault://%s/kms/transit/keys/kek?auth=approle&auth-mount=approle-kms&role-id-file=%s&secret-id-file=%s",
-		e.srv.Addr(), roleFile, secretFile)
-	var logs testutil.SyncBuffer
-	svc := open(t, uri, debugLogger(&logs))
 	res, err := svc.Wrap(ctx(t), keyservicetest.NewKEK(t))
 	if err != nil {
-		t.Fatalf("Wrap with AppRole: %v", err)
-	}
-	if _, err := svc.Probe(ctx(t)); err != nil {
 		t.Fatal(err)
 	}
-	if ttl := svc.TokenTTL(); ttl <= 0 || ttl > time.Hour {
-		t.Fatalf("TokenTTL = %v, want within (0, 1h]", ttl)
+	k.Server.Seal(t)
+	checks := map[string]func() error{
+		"Probe":      func() error { _, err := svc.Probe(ctx(t)); return err },
+		"Wrap":       func() error { _, err := svc.Wrap(ctx(t), keyservicetest.NewKEK(t)); return err },
+		"Unwrap":     func() error { _, err := svc.Unwrap(ctx(t), res.KeyID, res.Wrapped); return err },
+		"CheckKeyID": func() error { return svc.CheckKeyID(ctx(t), res.KeyID) },
 	}
-	if n := e.srv.Logins(); n != 1 {
-		t.Fatalf("%d logins, want 1", n)
+	for name, call := range checks {
+		err := call()
+		if c := keyservice.Classify(err); c != keyservice.ClassTransient {
+			t.Errorf("%s on a sealed Vault: %v (class %v), want transient", name, err, c)
+		} else if !strings.Contains(err.Error(), "sealed") {
+			t.Errorf("%s on a sealed Vault: %v, want the error to say so", name, err)
+		}
 	}
-
-	// A wrong secret ID: the login fails with a clear error and no secret.
-	writeFile(t, secretFile, "wrong-secret-id")
-	bad := open(t, uri, debugLogger(&logs))
-	_, err = bad.Unwrap(ctx(t), res.KeyID, res.Wrapped)
-	if err == nil || !strings.Contains(err.Error(), "approle login") {
-		t.Fatalf("Unwrap with a wrong secret ID: %v", err)
+	// Many revocation bounds pass: the cached local KEK must survive them.
+	time.Sleep(time.Second)
+	if _, err := hy.Decrypt(ctx(t), sealed.KeyID, sealed.Ciphertext, sealed.Annotations); err != nil {
+		t.Fatalf("Decrypt from the cache while Vault is sealed: %v", err)
 	}
-	if keyservice.Classify(err) == keyservice.ClassRevoked {
-		t.Fatalf("a failed login is classified revoked: %v", err)
-	}
-	for _, s := range []string{secretID, "wrong-secret-id", roleID} {
-		if strings.Contains(err.Error(), s) || strings.Contains(logs.String(), s) {
-			t.Fatalf("%q leaked into an error or a log", s)
+	k.Server.Unseal(t)
+	for name, call := range checks {
+		if err := call(); err != nil {
+			t.Errorf("%s after unseal: %v", name, err)
 		}
 	}
 }
 
-func TestKubernetesLogin(t *testing.T) {
-	e := newStandIn(t)
-	e.srv.AddKubernetesRole("kubernetes", "kms", "jwt-one", time.Hour, 0)
-	jwtFile := writeFile(t, filepath.Join(e.dir, "sa-token"), "jwt-one")
-	uri := fmt.Sprintf("hcvault://%s/kms/transit/keys/kek?auth=kubernetes&role=kms&jwt-file=%s", e.srv.Addr(), jwtFile)
-	svc := open(t, uri, nil)
-	if _, err := svc.Probe(ctx(t)); err != nil {
-		t.Fatalf("Probe with Kubernetes auth: %v", err)
-	}
-	// The service-account token rotates, and the Vault token is revoked: the
-	// next request logs in again with the new JWT read from the file.
-	e.srv.AddKubernetesRole("kubernetes", "kms", "jwt-two", time.Hour, 0)
-	writeFile(t, jwtFile, "jwt-two")
-	e.srv.RevokeIssued()
-	if _, err := svc.Probe(ctx(t)); err != nil {
-		t.Fatalf("Probe after the token was revoked: %v", err)
-	}
-	if n := e.srv.Logins(); n != 2 {
-		t.Fatalf("%d logins, want 2", n)
-	}
-}
-
-func TestRenewal(t *testing.T) {
-	e := newStandIn(t)
-	// A renewable token with a short TTL is renewed before it expires.
-	writeFile(t, e.tokenFile, e.srv.CreateToken(3*time.Second, true))
-	svc := open(t, e.uri, nil)
+// TestPausedIsAnOutage: a server that accepts connections but never
+// answers (SIGSTOP) gives transient errors within the caller's deadline.
+func TestPausedIsAnOutage(t *testing.T) {
+	k := newKey(t, vaultserver.Options{})
+	svc := open(t, k.URI(), nil)
 	if _, err := svc.Probe(ctx(t)); err != nil {
 		t.Fatal(err)
 	}
-	if ttl := svc.TokenTTL(); ttl <= 0 || ttl > 3*time.Second {
-		t.Fatalf("TokenTTL = %v, want within (0, 3s]", ttl)
+	k.Server.Pause(t)
+	c, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	start := time.Now()
+	_, err := svc.Probe(c)
+	if keyservice.Classify(err) != keyservice.ClassTransient {
+		t.Fatalf("Probe of a hung server: %v, want transient", err)
 	}
-	waitFor(t, "two renewals", func() bool { return e.srv.Renewals() >= 2 })
-	// Past the original 3 s TTL the token still works.
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("Probe of a hung server took %v, past its 2 s deadline", d)
+	}
+	k.Server.Resume(t)
 	if _, err := svc.Probe(ctx(t)); err != nil {
-		t.Fatalf("Probe after renewals: %v", err)
-	}
-	if ttl := svc.TokenTTL(); ttl <= 0 {
-		t.Fatalf("TokenTTL after renewal = %v", ttl)
-	}
-
-	// An AppRole token that reaches its max TTL is replaced by a new login.
-	e.srv.AddAppRole("approle", "r", "s", 2*time.Second, 3*time.Second)
-	uri := fmt.Sprintf("hcvault://%s/kms/transit/keys/kek?auth=approle&role-id-file=%s&secret-id-file=%s",
-		e.srv.Addr(), writeFile(t, filepath.Join(e.dir, "r"), "r"), writeFile(t, filepath.Join(e.dir, "s"), "s"))
-	ar := open(t, uri, nil)
-	if _, err := ar.Probe(ctx(t)); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "a second login", func() bool { return e.srv.Logins() >= 2 })
-	if _, err := ar.Probe(ctx(t)); err != nil {
-		t.Fatalf("Probe after re-login: %v", err)
-	}
-
-	// A root token does not expire.
-	writeFile(t, e.tokenFile, e.srv.RootToken())
-	root := open(t, e.uri, nil)
-	if _, err := root.Probe(ctx(t)); err != nil {
-		t.Fatal(err)
-	}
-	if ttl := root.TokenTTL(); ttl != vault.TTLNever {
-		t.Fatalf("TokenTTL of a root token = %v, want TTLNever", ttl)
+		t.Fatalf("Probe after the server resumed: %v", err)
 	}
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-func TestRecreatedKeyGetsNewKeyID(t *testing.T) {
-	e := newStandIn(t)
-	svc := open(t, e.uri, nil)
+// TestDeletedKey: deleting the key revokes every version; a key re-created
+// under the same name gets new key IDs and never sees the old values.
+func TestDeletedKey(t *testing.T) {
+	k := newKey(t, vaultserver.Options{})
+	svc := open(t, k.URI(), nil)
 	kek := keyservicetest.NewKEK(t)
 	old, err := svc.Wrap(ctx(t), kek)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.admin.Logical().Write("kms/transit/keys/kek/config", map[string]any{"deletion_allowed": true}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.admin.Logical().Delete("kms/transit/keys/kek"); err != nil {
-		t.Fatal(err)
-	}
+	k.Delete(t)
 	if _, err := svc.Probe(ctx(t)); keyservice.Classify(err) != keyservice.ClassRevoked {
 		t.Fatalf("Probe of a deleted key: %v, want revoked", err)
 	}
 	if _, err := svc.Unwrap(ctx(t), old.KeyID, old.Wrapped); keyservice.Classify(err) != keyservice.ClassRevoked {
 		t.Fatalf("Unwrap with a deleted key: %v, want revoked", err)
 	}
+	if err := svc.CheckKeyID(ctx(t), old.KeyID); keyservice.Classify(err) != keyservice.ClassRevoked {
+		t.Fatalf("CheckKeyID of a deleted key: %v, want revoked", err)
+	}
+	if _, err := svc.Wrap(ctx(t), kek); keyservice.Classify(err) != keyservice.ClassRevoked {
+		t.Fatalf("Wrap with a deleted key: %v, want revoked (the policy grants no create)", err)
+	}
 	// Vault records creation times in seconds: re-create in a later second.
 	time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second)))
-	if _, err := e.admin.Logical().Write("kms/transit/keys/kek", nil); err != nil {
-		t.Fatal(err)
-	}
+	k.Create(t)
 	id, err := svc.Probe(ctx(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if id == old.KeyID {
-		t.Fatalf("re-created key has the old key ID %q", id)
+	if id == old.KeyID || keyVersion(t, id) != 1 {
+		t.Fatalf("re-created key has key ID %q (old %q), want a new v1 ID", id, old.KeyID)
 	}
-	if !strings.Contains(id, ":v1:") {
-		t.Fatalf("re-created key ID %q is not version 1", id)
-	}
-	// The old wrapped key must not be tried against the new key.
 	if _, err := svc.Unwrap(ctx(t), old.KeyID, old.Wrapped); keyservice.Classify(err) != keyservice.ClassRevoked {
 		t.Fatalf("Unwrap of a value from the deleted key: %v, want revoked", err)
 	}
@@ -319,19 +211,149 @@ func TestRecreatedKeyGetsNewKeyID(t *testing.T) {
 	}
 }
 
-func TestErrorClasses(t *testing.T) {
-	e := newStandIn(t)
-	svc := open(t, e.uri, nil)
+// TestMinDecryptionVersion: raising min_decryption_version revokes the
+// older versions only, as the key read shows (CheckKeyID makes no crypto
+// call); lowering it again brings them back.
+func TestMinDecryptionVersion(t *testing.T) {
+	k := newKey(t, vaultserver.Options{})
+	svc := open(t, k.URI(), nil)
+	var wrapped []keyservice.WrapResult
+	for i := range 3 {
+		if i > 0 {
+			k.Rotate(t)
+		}
+		res, err := svc.Wrap(ctx(t), keyservicetest.NewKEK(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if keyVersion(t, res.KeyID) != i+1 {
+			t.Fatalf("wrap %d used key ID %q", i, res.KeyID)
+		}
+		wrapped = append(wrapped, res)
+	}
+	k.SetMinDecryptionVersion(t, 3)
+	before := k.Server.Requests(t, k.Mount+"/decrypt/"+k.Name)
+	for i, res := range wrapped {
+		want := keyservice.ClassRevoked
+		if i == 2 {
+			want = keyservice.ClassUnknown // nil
+		}
+		err := svc.CheckKeyID(ctx(t), res.KeyID)
+		if keyservice.Classify(err) != want {
+			t.Errorf("CheckKeyID(v%d) with min_decryption_version 3: %v, want %v", i+1, err, want)
+		}
+		if want == keyservice.ClassRevoked && (err == nil || !strings.Contains(err.Error(), "min_decryption_version")) {
+			t.Errorf("CheckKeyID(v%d): %v, want the error to name min_decryption_version", i+1, err)
+		}
+	}
+	if n := k.Server.Requests(t, k.Mount+"/decrypt/"+k.Name) - before; n != 0 {
+		t.Errorf("CheckKeyID made %d decrypt calls, want none", n)
+	}
+	if _, err := svc.Unwrap(ctx(t), wrapped[0].KeyID, wrapped[0].Wrapped); keyservice.Classify(err) != keyservice.ClassRevoked {
+		t.Errorf("Unwrap of v1 below min_decryption_version: %v, want revoked", err)
+	}
+	if _, err := svc.Unwrap(ctx(t), wrapped[2].KeyID, wrapped[2].Wrapped); err != nil {
+		t.Errorf("Unwrap of v3: %v", err)
+	}
+	k.SetMinDecryptionVersion(t, 1)
+	for i, res := range wrapped {
+		if err := svc.CheckKeyID(ctx(t), res.KeyID); err != nil {
+			t.Errorf("CheckKeyID(v%d) after lowering min_decryption_version: %v", i+1, err)
+		}
+		if _, err := svc.Unwrap(ctx(t), res.KeyID, res.Wrapped); err != nil {
+			t.Errorf("Unwrap(v%d) after lowering min_decryption_version: %v", i+1, err)
+		}
+	}
+}
+
+// TestPolicyRemovedIsRevoked and the token tests below tell a 403 about the
+// key from a 403 about the token: only the first is a revocation.
+func TestPolicyRemovedIsRevoked(t *testing.T) {
+	k := newKey(t, vaultserver.Options{})
+	svc := open(t, k.URI(), nil)
 	res, err := svc.Wrap(ctx(t), keyservicetest.NewKEK(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.srv.Seal(true)
-	if _, err := svc.Probe(ctx(t)); keyservice.Classify(err) != keyservice.ClassTransient {
-		t.Fatalf("sealed: %v, want transient", err)
+	k.RemovePolicy(t)
+	for name, err := range map[string]error{
+		"Probe":      func() error { _, err := svc.Probe(ctx(t)); return err }(),
+		"Unwrap":     func() error { _, err := svc.Unwrap(ctx(t), res.KeyID, res.Wrapped); return err }(),
+		"CheckKeyID": svc.CheckKeyID(ctx(t), res.KeyID),
+	} {
+		if keyservice.Classify(err) != keyservice.ClassRevoked || !strings.Contains(err.Error(), "403") {
+			t.Errorf("%s with the key's policy removed: %v, want revoked (403)", name, err)
+		}
 	}
-	e.srv.Seal(false)
+}
 
+// TestDeadTokenIsNotRevocation: a revoked or expired token in a token file
+// that nobody replaces is an authentication problem. It must never read as
+// "key revoked": the hierarchy keeps its cached local KEKs.
+func TestDeadTokenIsNotRevocation(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		kill func(t *testing.T, k *vaultserver.TransitKey, token string)
+	}{
+		{"revoked", func(t *testing.T, k *vaultserver.TransitKey, token string) { k.RevokeToken(t, token) }},
+		{"expired", func(t *testing.T, k *vaultserver.TransitKey, token string) { time.Sleep(3 * time.Second) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k := newKey(t, vaultserver.Options{})
+			// A token that cannot be renewed, so "expired" really expires.
+			token := k.NewToken(t, 2*time.Second, false)
+			vaultserver.WriteFile(t, k.TokenFile, token)
+			var logs testutil.SyncBuffer
+			svc := open(t, k.URI(), debugLogger(&logs))
+			hy, err := hierarchy.New(ctx(t), svc, hierarchy.Config{RevocationBound: 100 * time.Millisecond, ProbeInterval: 100 * time.Millisecond, RemoteTimeout: 5 * time.Second})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(hy.Close)
+			plain := []byte("0123456789abcdef0123456789abcdef")
+			sealed, err := hy.Encrypt(ctx(t), plain)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res, err := svc.Wrap(ctx(t), keyservicetest.NewKEK(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.kill(t, k, token)
+			for name, err := range map[string]error{
+				"Probe":      func() error { _, err := svc.Probe(ctx(t)); return err }(),
+				"Unwrap":     func() error { _, err := svc.Unwrap(ctx(t), res.KeyID, res.Wrapped); return err }(),
+				"CheckKeyID": svc.CheckKeyID(ctx(t), res.KeyID),
+			} {
+				if err == nil || keyservice.Classify(err) == keyservice.ClassRevoked {
+					t.Errorf("%s with a %s token: %v (class %v), want an error that is not revoked", name, tc.name, err, keyservice.Classify(err))
+				} else if !strings.Contains(err.Error(), "invalid or expired") {
+					t.Errorf("%s with a %s token: %v, want the error to say the token is invalid or expired", name, tc.name, err)
+				}
+			}
+			time.Sleep(time.Second) // ten revocation bounds
+			if got, err := hy.Decrypt(ctx(t), sealed.KeyID, sealed.Ciphertext, sealed.Annotations); err != nil || string(got) != string(plain) {
+				t.Fatalf("Decrypt from the cache with a %s token: %v; a dead token must not shred the cache", tc.name, err)
+			}
+			if strings.Contains(logs.String(), token) {
+				t.Fatal("the token leaked into a log")
+			}
+			// A new token in the file: everything works again.
+			vaultserver.WriteFile(t, k.TokenFile, k.NewToken(t, time.Hour, true))
+			if _, err := svc.Unwrap(ctx(t), res.KeyID, res.Wrapped); err != nil {
+				t.Fatalf("Unwrap after a new token was written: %v", err)
+			}
+		})
+	}
+}
+
+func TestErrorClasses(t *testing.T) {
+	k := newKey(t, vaultserver.Options{})
+	svc := open(t, k.URI(), nil)
+	res, err := svc.Wrap(ctx(t), keyservicetest.NewKEK(t))
+	if err != nil {
+		t.Fatal(err)
+	}
 	for name, wrapped := range map[string]string{
 		"no prefix":      "xyz",
 		"bad base64":     "vault:v1:!!!!",
@@ -349,36 +371,105 @@ func TestErrorClasses(t *testing.T) {
 		if _, err := svc.Unwrap(ctx(t), id, res.Wrapped); keyservice.Classify(err) != keyservice.ClassInvalid {
 			t.Errorf("Unwrap with key ID %q: %v, want invalid", id, err)
 		}
+		if err := svc.CheckKeyID(ctx(t), id); keyservice.Classify(err) != keyservice.ClassInvalid {
+			t.Errorf("CheckKeyID(%q): %v, want invalid", id, err)
+		}
 	}
 	if _, err := svc.Wrap(ctx(t), nil); keyservice.Classify(err) != keyservice.ClassInvalid {
 		t.Errorf("Wrap(nil): %v, want invalid", err)
 	}
-
-	missing := open(t, strings.Replace(e.uri, "/keys/kek", "/keys/missing", 1), nil)
+	missing := open(t, strings.Replace(k.URI(), "/keys/kek", "/keys/missing", 1), nil)
 	if _, err := missing.Probe(ctx(t)); keyservice.Classify(err) != keyservice.ClassRevoked {
 		t.Errorf("Probe of a missing key: %v, want revoked", err)
 	}
-	if _, err := vault.Open(ctx(t), e.uri+"x", keyservice.Options{}); err == nil {
+	if _, err := vault.Open(ctx(t), k.URI()+"x", keyservice.Options{}); err == nil {
 		t.Error("Open with a missing token file succeeded")
 	}
 }
 
+// TestNamespace: namespace= is sent as X-Vault-Namespace on every request
+// (the logins too) and is part of the key ID. Namespaces are a Vault
+// Enterprise (and OpenBao) feature; the open-source server ignores the
+// header, so a recording proxy in front of the real server checks that the
+// header arrives while the real server answers.
 func TestNamespace(t *testing.T) {
-	srv := transittest.New(t, transittest.Options{Namespace: "team-a"})
-	admin := adminClient(t, srv.URL(), srv.RootToken(), "team-a")
-	if _, err := admin.Logical().Write("transit/keys/k", nil); err != nil {
+	k := newKey(t, vaultserver.Options{})
+	ar := newAppRole(t, k, "approle", time.Hour, 2*time.Hour)
+	target, err := url.Parse(k.Server.URL())
+	if err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
-	srv.AddAppRole("approle", "r", "s", time.Hour, 0)
-	uri := fmt.Sprintf("hcvault://%s/transit/keys/k?namespace=team-a&auth=approle&role-id-file=%s&secret-id-file=%s",
-		srv.Addr(), writeFile(t, filepath.Join(dir, "r"), "r"), writeFile(t, filepath.Join(dir, "s"), "s"))
+	var mu sync.Mutex
+	seen := map[string]int{} // namespace header -> requests
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen[r.Header.Get("X-Vault-Namespace")]++
+		mu.Unlock()
+		httputil.NewSingleHostReverseProxy(target).ServeHTTP(w, r)
+	}))
+	t.Cleanup(proxy.Close)
+	uri := fmt.Sprintf("hcvault://%s/%s/keys/%s?namespace=team-a/&auth=approle&role-id-file=%s&secret-id-file=%s",
+		strings.TrimPrefix(proxy.URL, "http://"), k.Mount, k.Name, ar.roleFile, ar.secretFile)
 	svc := open(t, uri, nil)
 	id, err := svc.Probe(ctx(t))
 	if err != nil {
 		t.Fatalf("Probe in a namespace: %v", err)
 	}
-	if !strings.HasPrefix(id, "vault:team-a/transit/k:v1:") {
+	if !strings.HasPrefix(id, "vault:team-a/"+k.Mount+"/kek:v1:") {
 		t.Fatalf("key ID %q does not name the namespace", id)
+	}
+	res, err := svc.Wrap(ctx(t), keyservicetest.NewKEK(t))
+	if err != nil || res.KeyID != id {
+		t.Fatalf("Wrap in a namespace: %q %v", res.KeyID, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != 1 || seen["team-a"] < 3 {
+		t.Fatalf("requests by X-Vault-Namespace: %v, want every one (login, key read, encrypt) with team-a", seen)
+	}
+}
+
+// TestForbiddenThenNoAnswer: after a 403 the backend asks whether its token
+// still works (lookup-self). When that question gets no answer (the server
+// went away or is sealed in between), it cannot tell a key policy from a
+// dead token, so the error is transient, never "revoked". A proxy in front
+// of the real server drops the lookups: no server fails exactly that call on
+// demand.
+func TestForbiddenThenNoAnswer(t *testing.T) {
+	for _, how := range []string{"connection closed", "503"} {
+		t.Run(how, func(t *testing.T) {
+			k := newKey(t, vaultserver.Options{})
+			target, err := url.Parse(k.Server.URL())
+			if err != nil {
+				t.Fatal(err)
+			}
+			var failLookups atomic.Bool
+			proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if failLookups.Load() && r.URL.Path == "/v1/auth/token/lookup-self" {
+					if how == "503" {
+						http.Error(w, `{"errors":["Vault is sealed"]}`, http.StatusServiceUnavailable)
+						return
+					}
+					conn, _, err := w.(http.Hijacker).Hijack()
+					if err == nil {
+						conn.Close()
+					}
+					return
+				}
+				httputil.NewSingleHostReverseProxy(target).ServeHTTP(w, r)
+			}))
+			t.Cleanup(proxy.Close)
+			uri := strings.Replace(k.URI(), k.Server.Addr(), strings.TrimPrefix(proxy.URL, "http://"), 1)
+			svc := open(t, uri, nil)
+			if _, err := svc.Probe(ctx(t)); err != nil { // logged in, token looked up
+				t.Fatal(err)
+			}
+			failLookups.Store(true)
+			k.RemovePolicy(t) // a real 403 for the key read
+			_, err = svc.Probe(ctx(t))
+			if keyservice.Classify(err) != keyservice.ClassTransient {
+				t.Fatalf("Probe after a 403 whose token check got no answer: %v (class %v), want transient", err, keyservice.Classify(err))
+			}
+		})
 	}
 }

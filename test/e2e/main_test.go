@@ -85,6 +85,12 @@ type kmsCluster struct {
 
 func startKMSCluster(ctx context.Context, t *testing.T, b binaries) *kmsCluster {
 	t.Helper()
+	return startKMSClusterOn(ctx, t, b, "")
+}
+
+// startKMSClusterOn runs the plugin on keyURI ("": its own softkey keyring).
+func startKMSClusterOn(ctx context.Context, t *testing.T, b binaries, keyURI string) *kmsCluster {
+	t.Helper()
 	etcd, err := cluster.StartEtcd(ctx, t, b.etcd)
 	if err != nil {
 		t.Fatal(err)
@@ -92,6 +98,9 @@ func startKMSCluster(ctx context.Context, t *testing.T, b binaries) *kmsCluster 
 	plugin, err := cluster.NewPlugin(t, b.kubekms)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if keyURI != "" {
+		plugin.KeyURI = keyURI
 	}
 	if err := plugin.Start(ctx); err != nil {
 		t.Fatal(err)

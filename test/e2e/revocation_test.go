@@ -45,8 +45,12 @@ func TestRevocation(t *testing.T) {
 	for _, kb := range revocableBackends() {
 		t.Run("revoke and re-enable/"+kb.name, func(t *testing.T) { t.Parallel(); testRevokeReEnable(t, b, kb) })
 	}
-	t.Run("revoke an old version only", func(t *testing.T) { t.Parallel(); testRevokeOldVersion(t, b) })
-	t.Run("outage longer than the write TTL", func(t *testing.T) { t.Parallel(); testOutageInGrace(t, b) })
+	for _, vb := range versionedBackends() {
+		t.Run("revoke an old version only/"+vb.name, func(t *testing.T) { t.Parallel(); testRevokeOldVersion(t, b, vb) })
+	}
+	for _, ob := range outageBackends() {
+		t.Run("outage longer than the write TTL/"+ob.name, func(t *testing.T) { t.Parallel(); testOutageInGrace(t, b, ob) })
+	}
 }
 
 // secretsOnly encrypts Secrets only, so an apiserver started while the key is
@@ -216,7 +220,7 @@ type revocableBackend struct {
 }
 
 func revocableBackends() []revocableBackend {
-	return []revocableBackend{
+	return append([]revocableBackend{
 		{name: "softkey", detect: defaultProbeLoop, setup: func(t *testing.T, p *cluster.Plugin) (func(context.Context) error, func(context.Context) error) {
 			return func(ctx context.Context) error { return p.Softkey(ctx, "disable", "--all") },
 				func(ctx context.Context) error { return p.Softkey(ctx, "enable", "--all") }
@@ -242,7 +246,25 @@ func revocableBackends() []revocableBackend {
 			p.Env = append(p.Env, tk.Env()...)
 			return func(context.Context) error { tk.DeleteAll(); return nil }, nil
 		}},
-	}
+	}, vaultRevocableBackends()...)
+}
+
+// versionedBackend is a key service that can revoke an old key version
+// while the current one stays usable.
+type versionedBackend struct {
+	name string
+	// setup configures p and returns the operator's rotation and the
+	// revocation of version 1 (the version before the first rotation).
+	setup func(t *testing.T, p *cluster.Plugin) (rotate, revokeV1 func(ctx context.Context) error)
+}
+
+func versionedBackends() []versionedBackend {
+	return append([]versionedBackend{
+		{name: "softkey disable --version 1", setup: func(t *testing.T, p *cluster.Plugin) (func(context.Context) error, func(context.Context) error) {
+			return func(ctx context.Context) error { return p.Softkey(ctx, "rotate") },
+				func(ctx context.Context) error { return p.Softkey(ctx, "disable", "--version", "1") }
+		}},
+	}, vaultVersionedBackends()...)
 }
 
 // onLocalKMS points p at key in local-kms: the plugin runs in the server's
@@ -393,16 +415,18 @@ func restartRevoked(ctx context.Context, t *testing.T, c *kmsCluster, objs map[s
 	}
 }
 
-// testRevokeOldVersion: disabling only an old key version leaves writes
-// going (past the apiserver's 3-minute TTL); after an apiserver restart the
-// objects under the old version are unreadable, the others read.
-func testRevokeOldVersion(t *testing.T, b binaries) {
+// testRevokeOldVersion: revoking only an old key version (softkey disable
+// --version, Vault's min_decryption_version) leaves writes going (past the
+// apiserver's 3-minute TTL); after an apiserver restart the objects under the
+// old version are unreadable, the others read.
+func testRevokeOldVersion(t *testing.T, b binaries, vb versionedBackend) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	p, err := cluster.NewPlugin(t, b.kubekms)
 	if err != nil {
 		t.Fatal(err)
 	}
+	rotate, revokeV1 := vb.setup(t, p)
 	c := startCluster(ctx, t, b, p)
 	const ns = "old-version"
 	old, current := newWritten(), newWritten()
@@ -419,7 +443,7 @@ func testRevokeOldVersion(t *testing.T, b binaries) {
 		t.Fatal(err)
 	}
 	v1 := st.KeyId
-	if err := p.Softkey(ctx, "rotate"); err != nil {
+	if err := rotate(ctx); err != nil {
 		t.Fatal(err)
 	}
 	waitPluginKeyID(ctx, t, p, v1, true, defaultProbeLoop+slack)
@@ -453,9 +477,9 @@ func testRevokeOldVersion(t *testing.T, b binaries) {
 		}
 		time.Sleep(time.Second)
 	}
-	t.Logf("MEASURED rotation: the apiserver wrote under the new key_id %.1f s after `softkey rotate`", time.Since(rotated).Seconds())
+	t.Logf("MEASURED %s: the apiserver wrote under the new key_id %.1f s after the rotation", vb.name, time.Since(rotated).Seconds())
 
-	if err := p.Softkey(ctx, "disable", "--version", "1"); err != nil {
+	if err := revokeV1(ctx); err != nil {
 		t.Fatal(err)
 	}
 	disabled := time.Now()
@@ -463,8 +487,8 @@ func testRevokeOldVersion(t *testing.T, b binaries) {
 	time.Sleep(apiserverWriteTTL + 30*time.Second)
 	wr.close()
 	okWrites, refused, firstErr := wr.outcomes(disabled, time.Now())
-	t.Logf("MEASURED old version disabled: %d writes acknowledged, %d refused over %.0f s (past the apiserver's %s write TTL)",
-		okWrites, refused, time.Since(disabled).Seconds(), apiserverWriteTTL)
+	t.Logf("MEASURED %s: %d writes acknowledged, %d refused over %.0f s (past the apiserver's %s write TTL)",
+		vb.name, okWrites, refused, time.Since(disabled).Seconds(), apiserverWriteTTL)
 	if refused != 0 || okWrites == 0 {
 		t.Errorf("disabling only the old version stopped writes: %d refused (first: %v), %d acknowledged", refused, firstErr, okWrites)
 	}
@@ -481,7 +505,7 @@ func testRevokeOldVersion(t *testing.T, b binaries) {
 	}
 	time.Sleep(5 * time.Second)
 	code, body, _ := c.api.Get(ctx, "/readyz")
-	t.Logf("MEASURED after a restart with objects under a disabled old version in etcd: /readyz %d %s", code, firstFailing(body))
+	t.Logf("MEASURED %s, after a restart with objects under the revoked old version in etcd: /readyz %d %s", vb.name, code, firstFailing(body))
 	if okReads, _ := readBack(ctx, c.api.Client, old.snapshot()); okReads != 0 {
 		t.Errorf("after a restart, %d of %d objects under the disabled old version still read", okReads, len(old.snapshot()))
 	}
@@ -499,24 +523,45 @@ func firstFailing(body string) string {
 	return strings.Join(bad, "; ")
 }
 
+// outageBackend is a key service that can be made unavailable (not
+// revoked) while kubekms runs on it.
+type outageBackend struct {
+	name string
+	// setup configures p and returns how the key service goes away and
+	// comes back.
+	setup func(t *testing.T, p *cluster.Plugin) (down, up func(t testing.TB))
+}
+
+func outageBackends() []outageBackend {
+	return append([]outageBackend{
+		{name: "awskms hung (local-kms SIGSTOP)", setup: func(t *testing.T, p *cluster.Plugin) (func(testing.TB), func(testing.TB)) {
+			const keyA = "7f3a9c42-5d6e-4f70-8192-a3b4c5d6e7f8"
+			srv := localkms.Start(t, localkms.Seed{AESKeys: []string{keyA}})
+			onLocalKMS(t, p, srv, keyA)
+			return func(t testing.TB) {
+				if _, err := srv.AdminClient().DescribeKey(t.Context(), &kms.DescribeKeyInput{KeyId: aws.String(keyA)}); err != nil {
+					t.Fatal(err)
+				}
+				srv.Pause(t)
+			}, srv.Resume
+		}},
+	}, vaultOutageBackends()...)
+}
+
 // testOutageInGrace: the key service stops answering (SIGSTOP, so every call
-// hangs) for longer than the apiserver's 3-minute write TTL but inside the
-// outage grace: no write, read or readiness check fails, and the plugin's
-// Status answers within the apiserver's 3 s deadline throughout.
-func testOutageInGrace(t *testing.T, b binaries) {
+// hangs) or refuses service (a sealed Vault) for longer than the apiserver's
+// 3-minute write TTL but inside the outage grace: no write, read or
+// readiness check fails, and the plugin's Status answers within the
+// apiserver's 3 s deadline throughout.
+func testOutageInGrace(t *testing.T, b binaries, ob outageBackend) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	const keyA = "7f3a9c42-5d6e-4f70-8192-a3b4c5d6e7f8"
-	srv := localkms.Start(t, localkms.Seed{AESKeys: []string{keyA}})
 	p, err := cluster.NewPlugin(t, b.kubekms)
 	if err != nil {
 		t.Fatal(err)
 	}
-	onLocalKMS(t, p, srv, keyA)
+	down, up := ob.setup(t, p)
 	c := startCluster(ctx, t, b, p)
-	if _, err := srv.AdminClient().DescribeKey(ctx, &kms.DescribeKeyInput{KeyId: aws.String(keyA)}); err != nil {
-		t.Fatal(err)
-	}
 	const secretsNS = "outage"
 	acked := newWritten()
 	wr := startWriter(ctx, t, c, secretsNS, acked)
@@ -569,25 +614,25 @@ func testOutageInGrace(t *testing.T, b binaries) {
 	}()
 	time.Sleep(5 * time.Second)
 	paused := time.Now()
-	srv.Pause(t)
+	down(t)
 	resumed := false
 	t.Cleanup(func() {
 		if !resumed {
-			srv.Resume(t)
+			up(t)
 		}
 	})
 	time.Sleep(apiserverWriteTTL + 30*time.Second)
 	okWrites, refused, firstErr := wr.outcomes(paused, time.Now())
 	st, stErr := p.Status(ctx)
-	srv.Resume(t)
+	up(t)
 	resumed = true
 	back := time.Now()
 	time.Sleep(5 * time.Second)
 	stopSampling()
 	sampling.Wait()
 	wr.close()
-	t.Logf("MEASURED key service hung %.0f s (SIGSTOP): writes %d acknowledged / %d refused; reads %d ok / %d failed; /readyz failures %d; plugin Status max %.2f s, failures %d; plugin said %+v %v",
-		back.Sub(paused).Seconds(), okWrites, refused, readOK.Load(), readFail.Load(), readyFail.Load(),
+	t.Logf("MEASURED %s for %.0f s: writes %d acknowledged / %d refused; reads %d ok / %d failed; /readyz failures %d; plugin Status max %.2f s, failures %d; plugin said %+v %v",
+		ob.name, back.Sub(paused).Seconds(), okWrites, refused, readOK.Load(), readFail.Load(), readyFail.Load(),
 		time.Duration(statusMax.Load()).Seconds(), statusFail.Load(), st, stErr)
 	if refused != 0 || okWrites == 0 {
 		t.Errorf("an outage inside the grace stopped writes: %d refused (first: %v)", refused, firstErr)
@@ -599,7 +644,7 @@ func testOutageInGrace(t *testing.T, b binaries) {
 		t.Errorf("the apiserver's /readyz failed %d times during the outage (last: %v)", readyFail.Load(), lastReadyErr.Load())
 	}
 	if d := time.Duration(statusMax.Load()); d >= 3*time.Second || statusFail.Load() != 0 {
-		t.Errorf("plugin Status took up to %s (%d failures) while the key service hung: the apiserver allows 3 s", d, statusFail.Load())
+		t.Errorf("plugin Status took up to %s (%d failures) during the outage: the apiserver allows 3 s", d, statusFail.Load())
 	}
 	if stErr != nil || st.Healthz != "ok" || st.KeyId == hierarchy.StoppedKeyID {
 		t.Errorf("plugin Status during the outage: %+v %v, want ok under the same key_id", st, stErr)

@@ -1,53 +1,34 @@
 package interop
 
 import (
-	"context"
-	"fmt"
-	"net/http"
-	"os"
 	"path/filepath"
 	"testing"
-	"time"
 
-	"github.com/kubekms/kubekms/keyservice/vault/transittest"
+	"github.com/kubekms/kubekms/internal/testservers/vaultserver"
 )
 
-// vaultStandInBackend runs kubekms on the Vault Transit STAND-IN
-// (keyservice/vault/transittest): no Vault or OpenBao server runs on this
-// project's machines. The stand-in serves the real HTTP API shapes on
-// 127.0.0.1 in the test process; kubekms reaches it over loopback. Rotation
-// is the transit key rotate endpoint.
-func vaultStandInBackend() Backend {
-	return Backend{Name: "vault-standin", Setup: func(t *testing.T, dir string) Deployment {
-		srv := transittest.New(t, transittest.Options{})
-		transitPost(t, srv, "transit/keys/kek")
-		tokenFile := filepath.Join(dir, "vault-token")
-		if err := os.WriteFile(tokenFile, []byte(srv.CreateToken(time.Hour, true)+"\n"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return Deployment{
-			KeyURI: fmt.Sprintf("hcvault://%s/transit/keys/kek?token-file=%s", srv.Addr(), tokenFile),
-			Rotate: func(t *testing.T) { transitPost(t, srv, "transit/keys/kek/rotate") },
-		}
+// vaultBackend runs kubekms on a real Vault server (file storage, on
+// 127.0.0.1) with a token file; rotation is a transit key rotate.
+func vaultBackend() Backend {
+	return Backend{Name: "vault", Setup: func(t *testing.T, _ string) Deployment {
+		k := vaultserver.New(t, vaultserver.Options{}).NewTransitKey(t)
+		return Deployment{KeyURI: k.URI(), Rotate: func(t *testing.T) { k.Rotate(t) }}
 	}}
 }
 
-// transitPost sends an empty POST with the root token, as `vault write` does.
-func transitPost(t *testing.T, srv *transittest.Server, path string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL()+"/v1/"+path, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("X-Vault-Token", srv.RootToken())
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("POST %s: %v", path, err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode/100 != 2 {
-		t.Fatalf("POST %s: %s", path, resp.Status)
-	}
+// vaultCertBackend runs kubekms on a real Vault server over https, logged
+// in with a TLS client certificate (auth=cert), as a static pod would.
+func vaultCertBackend() Backend {
+	return Backend{Name: "vault-cert", Setup: func(t *testing.T, dir string) Deployment {
+		srv := vaultserver.New(t, vaultserver.Options{TLS: true})
+		k := srv.NewTransitKey(t)
+		srv.EnableAuth(t, "cert", "cert")
+		srv.Write(t, "auth/cert/certs/node", map[string]any{"certificate": string(srv.CA.PEM), "token_policies": k.Policy})
+		cert, key := filepath.Join(dir, "node.crt"), filepath.Join(dir, "node.key")
+		srv.CA.Issue(t, cert, key, "control-plane-1", vaultserver.ClientCert)
+		return Deployment{
+			KeyURI: k.URIWith("auth=cert&role=node&cert-file=" + cert + "&key-file=" + key),
+			Rotate: func(t *testing.T) { k.Rotate(t) },
+		}
+	}}
 }

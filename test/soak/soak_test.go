@@ -5,6 +5,12 @@
 // lost; lost must be 0: every ciphertext the plugin ever returned still
 // decrypts (through a freshly started plugin) once its key is enabled again.
 //
+// It runs on softkey (the keyring file goes away) and on a real Vault server
+// (stopped and restarted on its file storage, sealed and unsealed, hung with
+// SIGSTOP; a removed policy is the revocation). Every outage must be served
+// from the outage grace with zero failed calls: a sealed Vault is an outage,
+// never a revocation.
+//
 //	go test -count=1 -v ./test/soak/ -soak.phase=3s
 package soak
 
@@ -31,6 +37,7 @@ import (
 	"google.golang.org/grpc/status"
 	kmsapi "k8s.io/kms/apis/v2"
 
+	"github.com/kubekms/kubekms/internal/testservers/vaultserver"
 	"github.com/kubekms/kubekms/internal/testutil"
 )
 
@@ -50,16 +57,33 @@ type plugin struct {
 	logs *bytes.Buffer
 }
 
+// keyService is the key service under soak: its key URI and what the soak
+// does to it.
+type keyService struct {
+	uri string
+	// outages are the phases in which the key service is unreachable or
+	// refuses service; each must cost zero failed calls.
+	outages         []fault
+	rotate          func(t *testing.T)
+	disable, enable func(t *testing.T)
+}
+
+type fault struct {
+	name   string
+	during func(t *testing.T, sleep func())
+}
+
 type env struct {
-	dir, keyring, socket string
-	p                    *plugin
-	logs                 bytes.Buffer // of every plugin process
+	dir, socket string
+	ks          keyService
+	p           *plugin
+	logs        bytes.Buffer // of every plugin process
 }
 
 func (e *env) start(t *testing.T) {
 	t.Helper()
 	p := &plugin{logs: &e.logs}
-	p.cmd = exec.Command(bin, "serve", "--listen", "unix://"+e.socket, "--key-uri", "softkey://"+e.keyring,
+	p.cmd = exec.Command(bin, "serve", "--listen", "unix://"+e.socket, "--key-uri", e.ks.uri,
 		"--state-file", filepath.Join(e.dir, "state.json"), "--probe-interval", "200ms",
 		"--revocation-bound", "500ms", "--outage-grace", "1h", "--log-level", "warn")
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
@@ -88,11 +112,54 @@ func (p *plugin) kill() {
 	}
 }
 
-func (e *env) kubekms(t *testing.T, args ...string) {
-	t.Helper()
-	out, err := exec.Command(bin, append(args, "--key-uri", "softkey://"+e.keyring)...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("kubekms %v: %v: %s", args, err, out)
+func softkeyService(t *testing.T, dir string) keyService {
+	keyring := filepath.Join(dir, "keyring.json")
+	uri := "softkey://" + keyring
+	kubekms := func(t *testing.T, args ...string) {
+		t.Helper()
+		out, err := exec.Command(bin, append(args, "--key-uri", uri)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("kubekms %v: %v: %s", args, err, out)
+		}
+	}
+	return keyService{
+		uri: uri,
+		outages: []fault{{"key service unreachable", func(t *testing.T, sleep func()) {
+			mustRename(t, keyring, keyring+".away")
+			sleep()
+			mustRename(t, keyring+".away", keyring)
+		}}},
+		rotate:  func(t *testing.T) { kubekms(t, "softkey", "rotate") },
+		disable: func(t *testing.T) { kubekms(t, "softkey", "disable", "--all") },
+		enable:  func(t *testing.T) { kubekms(t, "softkey", "enable", "--all") },
+	}
+}
+
+func vaultService(t *testing.T, _ string) keyService {
+	k := vaultserver.New(t, vaultserver.Options{}).NewTransitKey(t)
+	srv := k.Server
+	return keyService{
+		uri: k.URI(),
+		outages: []fault{
+			{"Vault stopped, restarted on its storage, unsealed", func(t *testing.T, sleep func()) {
+				srv.Stop(t)
+				sleep()
+				srv.Start(t)
+			}},
+			{"Vault sealed", func(t *testing.T, sleep func()) {
+				srv.Seal(t)
+				sleep()
+				srv.Unseal(t)
+			}},
+			{"Vault hung (SIGSTOP)", func(t *testing.T, sleep func()) {
+				srv.Pause(t)
+				sleep()
+				srv.Resume(t)
+			}},
+		},
+		rotate:  func(t *testing.T) { k.Rotate(t) },
+		disable: func(t *testing.T) { k.RemovePolicy(t) },
+		enable:  func(t *testing.T) { k.RestorePolicy(t) },
 	}
 }
 
@@ -124,12 +191,17 @@ func (c *counts) code(code codes.Code) int64 {
 }
 
 func TestSoak(t *testing.T) {
+	t.Run("softkey", func(t *testing.T) { soak(t, softkeyService) })
+	t.Run("vault", func(t *testing.T) { soak(t, vaultService) })
+}
+
+func soak(t *testing.T, newService func(t *testing.T, dir string) keyService) {
 	dir, err := os.MkdirTemp("", "kks")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	e := &env{dir: dir, keyring: filepath.Join(dir, "keyring.json"), socket: filepath.Join(dir, "kms.sock")}
+	e := &env{dir: dir, socket: filepath.Join(dir, "kms.sock"), ks: newService(t, dir)}
 	e.start(t)
 	// Like the apiserver's KMS client: one connection, WaitForReady, a
 	// deadline per call.
@@ -211,12 +283,12 @@ func TestSoak(t *testing.T) {
 	sleep := func() { time.Sleep(*phase) }
 
 	run("baseline", sleep)
-	outage := run("key service unreachable", func() {
-		mustRename(t, e.keyring, e.keyring+".away")
-		sleep()
-		mustRename(t, e.keyring+".away", e.keyring)
-	})
-	run("after outage", sleep)
+	var outages []result
+	for _, f := range e.ks.outages {
+		c := run(f.name, func() { f.during(t, sleep) })
+		outages = append(outages, result{f.name, c})
+		run("after: "+f.name, sleep)
+	}
 	run("plugin SIGKILL + restart", func() {
 		e.p.kill()
 		time.Sleep(*phase / 4)
@@ -225,16 +297,16 @@ func TestSoak(t *testing.T) {
 	})
 	rotations := run("remote key rotated 5 times", func() {
 		for range 5 {
-			e.kubekms(t, "softkey", "rotate")
+			e.ks.rotate(t)
 			time.Sleep(*phase / 2)
 		}
 	})
 	revoked := run("key disabled", func() {
-		e.kubekms(t, "softkey", "disable", "--all")
+		e.ks.disable(t)
 		sleep()
 	})
 	run("key re-enabled", func() {
-		e.kubekms(t, "softkey", "enable", "--all")
+		e.ks.enable(t)
 		sleep()
 	})
 	close(stop)
@@ -293,8 +365,10 @@ func TestSoak(t *testing.T) {
 	if lost != 0 {
 		t.Fatalf("%d of %d ciphertexts no longer decrypt", lost, len(records))
 	}
-	if n := outage.failed.Load(); n != 0 {
-		t.Errorf("%d calls failed while the key service was unreachable; the outage grace should serve them", n)
+	for _, o := range outages {
+		if n := o.c.failed.Load(); n != 0 {
+			t.Errorf("%d calls failed in %q; the outage grace should serve them", n, o.name)
+		}
 	}
 	if n := rotations.failed.Load(); n != 0 {
 		t.Errorf("%d calls failed during rotations", n)

@@ -158,6 +158,10 @@ func (a *APIServer) Restart(ctx context.Context, opts StartOptions) (time.Durati
 	return a.Start(ctx, opts)
 }
 
+// CertDir holds the serving certificate kube-apiserver generated
+// (apiserver.crt: the certificate and the CA that signed it).
+func (a *APIServer) CertDir() string { return filepath.Join(a.dir, "certs") }
+
 // LogPath is the log of the current (last) start.
 func (a *APIServer) LogPath() string {
 	if a.proc == nil {

@@ -4,7 +4,6 @@
 package cluster
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -15,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kubekms/kubekms/internal/testutil"
 )
 
 // Process is one child process running in its own process group, with
@@ -111,17 +112,7 @@ func (p *Process) signal(sig syscall.Signal) {
 // LogPath is the file that holds the process's output.
 func (p *Process) LogPath() string { return p.logPath }
 
-func tailFile(path string, lines int) string {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return err.Error()
-	}
-	parts := bytes.Split(bytes.TrimRight(data, "\n"), []byte("\n"))
-	if len(parts) > lines {
-		parts = parts[len(parts)-lines:]
-	}
-	return string(bytes.Join(parts, []byte("\n")))
-}
+func tailFile(path string, lines int) string { return testutil.TailFile(path, lines) }
 
 var portMu sync.Mutex
 var portsGiven = map[int]bool{}
