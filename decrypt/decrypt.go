@@ -50,10 +50,11 @@ type Failure struct {
 
 // Summary is the outcome of a Run.
 type Summary struct {
-	Selected    int       `json:"selected"`
-	Written     int       `json:"written"`
-	Failures    []Failure `json:"failures,omitempty"`
-	PluginCalls int64     `json:"pluginCalls"`
+	Selected int       `json:"selected"`
+	Written  int       `json:"written"`
+	Failures []Failure `json:"failures,omitempty"`
+	// PluginCalls counts KMS Decrypt calls; -1 when the Opener does not tell.
+	PluginCalls int64 `json:"pluginCalls"`
 }
 
 // ByReason counts failures per reason.
@@ -70,6 +71,17 @@ func (s *Summary) Reasons() []Reason {
 	return slices.Sorted(maps.Keys(s.ByReason()))
 }
 
+// Opener decrypts a stored value: envelope.Opener (kubekms's reader, with
+// one KMS v2 plugin) or encconfig.Reader (kube-apiserver's transformers,
+// with every provider of its EncryptionConfiguration). Errors wrap one of
+// envelope's error classes.
+type Opener interface {
+	Open(ctx context.Context, value, etcdKey []byte) ([]byte, envelope.Header, error)
+}
+
+// pluginCounter is an Opener that counts its plugin calls.
+type pluginCounter interface{ PluginCalls() int64 }
+
 // Sink receives recovered manifests.
 type Sink interface {
 	Write(obj inventory.Object, manifest []byte) error
@@ -78,7 +90,7 @@ type Sink interface {
 // Run recovers every selected value of src. It returns an error only for
 // a failure of the run itself (reading src, writing to sink, a cancelled
 // ctx); per-value failures are in the Summary.
-func Run(ctx context.Context, src snapshot.Source, op *envelope.Opener, sink Sink, opts Options) (*Summary, error) {
+func Run(ctx context.Context, src snapshot.Source, op Opener, sink Sink, opts Options) (*Summary, error) {
 	prefix := opts.Prefix
 	if prefix == "" {
 		prefix = inventory.RegistryPrefix
@@ -86,7 +98,11 @@ func Run(ctx context.Context, src snapshot.Source, op *envelope.Opener, sink Sin
 	conv := NewConverter()
 	sum := &Summary{}
 	total, done := src.Len(), 0
-	calls0 := op.PluginCalls()
+	counter, counts := op.(pluginCounter)
+	var calls0 int64
+	if counts {
+		calls0 = counter.PluginCalls()
+	}
 	err := src.Each(ctx, func(key, value []byte) error {
 		done++
 		if opts.Progress != nil && (done%256 == 0 || done == total) {
@@ -123,7 +139,10 @@ func Run(ctx context.Context, src snapshot.Source, op *envelope.Opener, sink Sin
 		sum.Written++
 		return nil
 	})
-	sum.PluginCalls = op.PluginCalls() - calls0
+	sum.PluginCalls = -1
+	if counts {
+		sum.PluginCalls = counter.PluginCalls() - calls0
+	}
 	if opts.Progress != nil {
 		opts.Progress(done, total)
 	}

@@ -25,13 +25,22 @@ type Options struct {
 	// Progress, when set, is called with the number of keys read so far
 	// (every few thousand keys and at the end).
 	Progress func(done int)
+	// Read, when set, reads (decrypts) every object value as kube-apiserver
+	// does, e.g. with encconfig.Reader: a value it cannot read counts as
+	// unreadable, and the stale count is the apiserver's own stale flag
+	// (CurrentKeyID is then ignored). ReadWith names it in the report.
+	Read     func(ctx context.Context, key, value []byte) (stale bool, err error)
+	ReadWith string
 }
 
 // Report is the result of a Scan.
 type Report struct {
-	CurrentKeyID string           `json:"currentKeyID,omitempty"`
-	Totals       Counts           `json:"totals"`
-	Resources    []*ResourceStats `json:"resources"`
+	CurrentKeyID string `json:"currentKeyID,omitempty"`
+	// ReadWith names what read every value (Options.ReadWith); empty when
+	// only envelope headers were parsed.
+	ReadWith  string           `json:"readWith,omitempty"`
+	Totals    Counts           `json:"totals"`
+	Resources []*ResourceStats `json:"resources"`
 }
 
 // Counts are the per-resource (or total) numbers.
@@ -45,9 +54,11 @@ type Counts struct {
 	Plaintext int `json:"plaintext"`
 	// Stale counts encrypted objects not under CurrentKeyID in seed mode:
 	// KMS v2 with another key_id or the legacy AES_GCM_KEY mode, and every
-	// other encrypted provider. Zero when no current key_id was given.
+	// other encrypted provider; with Options.Read, the encrypted values the
+	// apiserver reads as stale. Zero when no current key_id was given.
 	Stale int `json:"stale"`
-	// Unreadable counts values whose envelope header could not be parsed.
+	// Unreadable counts values whose envelope header could not be parsed,
+	// and with Options.Read the values it could not read.
 	Unreadable int `json:"unreadable"`
 }
 
@@ -112,6 +123,16 @@ func Scan(ctx context.Context, src snapshot.Source, opts Options) (*Report, erro
 			r.Unreadable++
 			return nil
 		}
+		stale := false
+		if opts.Read != nil {
+			if stale, err = opts.Read(ctx, key, value); err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				r.Unreadable++
+				return nil
+			}
+		}
 		r.providers[h.Kind].add(h.Provider)
 		if !h.Kind.Encrypted() {
 			r.Plaintext++
@@ -121,7 +142,12 @@ func Scan(ctx context.Context, src snapshot.Source, opts Options) (*Report, erro
 		if h.Kind == envelope.KindKMSv2 {
 			r.keyIDs.add(h.KeyID)
 		}
-		if opts.CurrentKeyID != "" && !envelope.IsCurrent(h.Kind, h.KeyID, h.DEKSourceType, opts.CurrentKeyID) {
+		switch {
+		case opts.Read != nil:
+			if stale {
+				r.Stale++
+			}
+		case opts.CurrentKeyID != "" && !envelope.IsCurrent(h.Kind, h.KeyID, h.DEKSourceType, opts.CurrentKeyID):
 			r.Stale++
 		}
 		return nil
@@ -132,7 +158,7 @@ func Scan(ctx context.Context, src snapshot.Source, opts Options) (*Report, erro
 	if opts.Progress != nil {
 		opts.Progress(done)
 	}
-	rep := &Report{CurrentKeyID: opts.CurrentKeyID, Resources: make([]*ResourceStats, 0, len(acc))}
+	rep := &Report{CurrentKeyID: opts.CurrentKeyID, ReadWith: opts.ReadWith, Resources: make([]*ResourceStats, 0, len(acc))}
 	for _, name := range slices.Sorted(maps.Keys(acc)) {
 		r := acc[name]
 		if r.Encrypted > 0 {

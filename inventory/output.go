@@ -11,7 +11,7 @@ import (
 func WriteTable(w io.Writer, rep *Report) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	stale := func(n int) string {
-		if rep.CurrentKeyID == "" {
+		if rep.CurrentKeyID == "" && rep.ReadWith == "" {
 			return "?"
 		}
 		return fmt.Sprint(n)
@@ -24,6 +24,10 @@ func WriteTable(w io.Writer, rep *Report) error {
 	t := rep.Totals
 	fmt.Fprintf(tw, "TOTAL\t%d\t%d\t%d\t%s\t%d\t\t\n", t.Objects, t.Encrypted, t.Unencrypted, stale(t.Stale), t.Unreadable)
 	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if rep.ReadWith != "" {
+		_, err := fmt.Fprintf(w, "\nEvery value read with %s: STALE is what the apiserver reads as stale, UNREADABLE includes what it could not read.\n", rep.ReadWith)
 		return err
 	}
 	if rep.CurrentKeyID == "" {

@@ -5,26 +5,33 @@ import (
 	"fmt"
 	"io"
 	"text/tabwriter"
-	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/kubekms/kubekms/decrypt"
-	"github.com/kubekms/kubekms/envelope"
-	"github.com/kubekms/kubekms/envelope/kmsclient"
+	"github.com/kubekms/kubekms/keyservice"
 )
 
 func newDecryptCmd() *cobra.Command {
 	var src etcdFlags
-	var pluginEndpoint, outputDir string
+	var rf readerFlags
+	var outputDir string
 	var resource, namespace, name string
-	var timeout time.Duration
 	var allowTerminal bool
 	cmd := &cobra.Command{
 		Use:   "decrypt",
 		Short: "Recover objects from an etcd snapshot as YAML manifests (offline disaster recovery)",
-		Long: `Decrypts kube-apiserver's objects from an etcd snapshot with a KMS v2 plugin that has the same
-keys (--plugin), and writes them as Kubernetes YAML manifests into --output-dir:
+		Long: `Decrypts kube-apiserver's objects from an etcd snapshot and writes them as Kubernetes YAML
+manifests into --output-dir. What decrypts:
+  --plugin ENDPOINT       a KMS v2 plugin with the cluster's keys (kubekms or any other);
+  --key-uri URI           the key service itself, opened in this process: no plugin needs to
+                          run (kubekms's own data; --cluster-name as the plugin had it);
+  --encryption-config F   the apiserver's EncryptionConfiguration: every provider in it
+                          (aescbc, aesgcm, secretbox, identity, KMS v1 and v2) read by the
+                          apiserver's own transformers, as the apiserver would; its KMS
+                          providers dial the endpoints in the file unless --plugin NAME=ENDPOINT
+                          or --key-uri NAME=URI (served in-process) says otherwise.
+Layout: 
 <dir>/<resource>/<namespace or _cluster>/<name>.yaml, folders 0700, files 0600. With
 --output-dir - all manifests go to stdout as one multi-document YAML, which is refused when
 stdout is a terminal unless --allow-terminal.
@@ -38,9 +45,6 @@ everything selected was written, 2 when some objects failed, 1 on errors.`,
 			ctx := cmd.Context()
 			if src.snapshot == "" {
 				return errors.New("--snapshot is required")
-			}
-			if pluginEndpoint == "" {
-				return errors.New("--plugin is required (the KMS v2 plugin with the cluster's keys)")
 			}
 			if outputDir == "" {
 				return errors.New("--output-dir is required (a new directory, or - for stdout)")
@@ -58,11 +62,15 @@ everything selected was written, 2 when some objects failed, 1 on errors.`,
 				}
 				sink = d
 			}
-			client, err := kmsclient.Dial(pluginEndpoint, timeout)
+			log, err := newLogger(cmd.ErrOrStderr(), "text", "warn")
 			if err != nil {
 				return err
 			}
-			defer client.Close()
+			reader, err := rf.open(ctx, keyservice.Options{Logger: log})
+			if err != nil {
+				return err
+			}
+			defer reader.close()
 			source, err := src.open(ctx)
 			if err != nil {
 				return err
@@ -73,7 +81,8 @@ everything selected was written, 2 when some objects failed, 1 on errors.`,
 			if outputDir == "-" {
 				progress = nil // the bar would interleave with the manifests
 			}
-			sum, err := decrypt.Run(ctx, source, envelope.NewOpener(client), sink, decrypt.Options{
+			fmt.Fprintf(cmd.ErrOrStderr(), "reading with %s\n", reader.what)
+			sum, err := decrypt.Run(ctx, source, reader.Opener, sink, decrypt.Options{
 				Prefix: src.prefix, Resource: resource, Namespace: namespace, Name: name, Progress: progress,
 			})
 			finish()
@@ -91,8 +100,7 @@ everything selected was written, 2 when some objects failed, 1 on errors.`,
 		},
 	}
 	src.add(cmd, false)
-	cmd.Flags().StringVar(&pluginEndpoint, "plugin", "", "KMS v2 plugin endpoint (unix:///path.sock) with the cluster's keys")
-	cmd.Flags().DurationVar(&timeout, "timeout", kmsclient.DefaultTimeout, "per-call timeout for the plugin")
+	rf.add(cmd, "KMS v2 plugin endpoint (unix:///path.sock) with the cluster's keys; with --encryption-config: [PROVIDER=]ENDPOINT for a KMS provider")
 	cmd.Flags().StringVar(&outputDir, "output-dir", "", "directory for the manifests (created 0700), or - for stdout")
 	cmd.Flags().StringVar(&resource, "resource", "", "only this resource (e.g. secrets, widgets.example.com)")
 	cmd.Flags().StringVarP(&namespace, "namespace", "n", "", "only this namespace")
@@ -103,8 +111,12 @@ everything selected was written, 2 when some objects failed, 1 on errors.`,
 
 // printSummary reports what was written and, per reason, what was not.
 func printSummary(w io.Writer, sum *decrypt.Summary) {
-	fmt.Fprintf(w, "selected %d, written %d, failed %d, plugin Decrypt calls %d\n",
-		sum.Selected, sum.Written, len(sum.Failures), sum.PluginCalls)
+	calls := "n/a (the apiserver's transformers)"
+	if sum.PluginCalls >= 0 {
+		calls = fmt.Sprint(sum.PluginCalls)
+	}
+	fmt.Fprintf(w, "selected %d, written %d, failed %d, plugin Decrypt calls %s\n",
+		sum.Selected, sum.Written, len(sum.Failures), calls)
 	if len(sum.Failures) == 0 {
 		return
 	}

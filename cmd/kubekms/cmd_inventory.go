@@ -17,8 +17,10 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/term"
 
+	"github.com/kubekms/kubekms/encconfig"
 	"github.com/kubekms/kubekms/envelope/kmsclient"
 	"github.com/kubekms/kubekms/inventory"
+	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/snapshot"
 )
 
@@ -158,8 +160,8 @@ func currentKeyID(ctx context.Context, endpoint string, timeout time.Duration) (
 
 func newInventoryCmd() *cobra.Command {
 	var src etcdFlags
-	var pluginEndpoint, keyID, output string
-	var timeout time.Duration
+	var rf readerFlags
+	var keyID, output string
 	var failOnStale, failOnPlaintext bool
 	cmd := &cobra.Command{
 		Use:   "inventory",
@@ -170,6 +172,12 @@ provider and KMS key_id, how many are stale (not under the current key_id, given
 Status or --current-key-id) and how many are unencrypted although other objects of the same
 resource are encrypted. Only envelope headers are read: nothing is decrypted.
 
+With --encryption-config (kube-apiserver's EncryptionConfiguration file) every value is read
+instead with the apiserver's own transformers, as the apiserver would read it: STALE is then the
+apiserver's own stale judgement (another provider, key or key_id writes now), and UNREADABLE
+counts what it could not read. Its KMS providers dial the endpoints in the file unless
+--plugin NAME=ENDPOINT or --key-uri NAME=URI (served in this process) says otherwise.
+
 Exit code 0, or 2 when --fail-on-stale / --fail-on-plaintext find something, 1 on errors.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -177,17 +185,44 @@ Exit code 0, or 2 when --fail-on-stale / --fail-on-plaintext find something, 1 o
 			if output != "table" && output != "json" {
 				return fmt.Errorf("-o %q: want table or json", output)
 			}
-			if pluginEndpoint != "" && keyID != "" {
-				return errors.New("give at most one of --plugin and --current-key-id")
-			}
-			if pluginEndpoint != "" {
-				var err error
-				if keyID, err = currentKeyID(ctx, pluginEndpoint, timeout); err != nil {
-					return fmt.Errorf("current key_id: %w", err)
+			opts := inventory.Options{Prefix: src.prefix}
+			if rf.encryptionConfig != "" {
+				if keyID != "" {
+					return errors.New("--current-key-id and --encryption-config exclude each other: with the config, the apiserver's transformers judge staleness")
 				}
-			}
-			if failOnStale && keyID == "" {
-				return errors.New("--fail-on-stale needs --plugin or --current-key-id")
+				log, err := newLogger(cmd.ErrOrStderr(), "text", "warn")
+				if err != nil {
+					return err
+				}
+				reader, err := rf.open(ctx, keyservice.Options{Logger: log})
+				if err != nil {
+					return err
+				}
+				defer reader.close()
+				r := reader.Opener.(*encconfig.Reader)
+				opts.ReadWith = reader.what
+				opts.Read = func(ctx context.Context, key, value []byte) (bool, error) {
+					_, stale, _, err := r.Read(ctx, value, key)
+					return stale, err
+				}
+			} else {
+				switch {
+				case len(rf.keyURIs) > 0:
+					return errors.New("--key-uri needs --encryption-config here (inventory reads headers only otherwise)")
+				case len(rf.plugins) > 1:
+					return errors.New("give one --plugin (several only with --encryption-config)")
+				case len(rf.plugins) == 1 && keyID != "":
+					return errors.New("give at most one of --plugin and --current-key-id")
+				case len(rf.plugins) == 1:
+					var err error
+					if keyID, err = currentKeyID(ctx, rf.plugins[0], rf.timeout); err != nil {
+						return fmt.Errorf("current key_id: %w", err)
+					}
+				}
+				if failOnStale && keyID == "" {
+					return errors.New("--fail-on-stale needs --plugin, --current-key-id or --encryption-config")
+				}
+				opts.CurrentKeyID = keyID
 			}
 			source, err := src.open(ctx)
 			if err != nil {
@@ -195,7 +230,6 @@ Exit code 0, or 2 when --fail-on-stale / --fail-on-plaintext find something, 1 o
 			}
 			defer source.Close()
 			progress, finish := newProgress(cmd, "inventory")
-			opts := inventory.Options{Prefix: src.prefix, CurrentKeyID: keyID}
 			if progress != nil {
 				total := source.Len()
 				opts.Progress = func(done int) { progress(done, total) }
@@ -227,9 +261,8 @@ Exit code 0, or 2 when --fail-on-stale / --fail-on-plaintext find something, 1 o
 		},
 	}
 	src.add(cmd, true)
-	cmd.Flags().StringVar(&pluginEndpoint, "plugin", "", "KMS v2 plugin endpoint (unix:///path.sock) whose Status gives the current key_id")
+	rf.add(cmd, "KMS v2 plugin endpoint (unix:///path.sock) whose Status gives the current key_id; with --encryption-config: [PROVIDER=]ENDPOINT for a KMS provider")
 	cmd.Flags().StringVar(&keyID, "current-key-id", "", "the current key_id, instead of asking --plugin")
-	cmd.Flags().DurationVar(&timeout, "timeout", kmsclient.DefaultTimeout, "per-call timeout for the plugin")
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
 	cmd.Flags().BoolVar(&failOnStale, "fail-on-stale", false, "exit 2 if any object is not under the current key_id")
 	cmd.Flags().BoolVar(&failOnPlaintext, "fail-on-plaintext", false, "exit 2 if any object is unencrypted in a resource that is otherwise encrypted")

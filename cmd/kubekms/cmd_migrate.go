@@ -12,8 +12,8 @@ import (
 
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/kubekms/kubekms/convergence"
 	"github.com/kubekms/kubekms/envelope/kmsclient"
 	"github.com/kubekms/kubekms/inventory"
 	"github.com/kubekms/kubekms/migrate"
@@ -21,16 +21,18 @@ import (
 )
 
 type migrateFlags struct {
-	kubeconfig, kubeContext string
-	resources               []string
-	etcd                    etcdFlags
-	pluginEndpoint, keyID   string
-	timeout                 time.Duration
-	all, includePlaintext   bool
-	qps                     float64
-	concurrency, limit      int
-	stateFile               string
-	dryRun                  bool
+	cluster               clusterFlags
+	convergenceTimeout    time.Duration
+	skipConvergence       bool
+	resources             []string
+	etcd                  etcdFlags
+	pluginEndpoint, keyID string
+	timeout               time.Duration
+	all, includePlaintext bool
+	qps                   float64
+	concurrency, limit    int
+	stateFile             string
+	dryRun                bool
 }
 
 func newMigrateCmd() *cobra.Command {
@@ -50,21 +52,28 @@ Finding the objects:
                     (when etcd is not reachable; the apiserver skips the write of objects that
                     are already current). With --etcd-endpoints as well, etcd is checked after.
 
-Wait until kube-apiserver uses the new key_id before migrating (it polls the plugin's Status
-about once a minute): new writes must carry it. Objects it still reads as current are left
-unchanged and reported.
+Before rewriting anything, migrate waits (up to --convergence-timeout) until every kube-apiserver
+writes under the current key_id, the plugin's (asked again at every round, so a plugin that lags
+behind a rotation can catch up), --current-key-id, or with neither any key_id they agree on. An
+apiserver still on the old key would read the old objects as current and skip their rewrite.
+Which key_id each apiserver writes under comes from its /metrics and /readyz, the apiservers'
+number from their identity Leases (see kubekms status --cluster; --apiservers, --provider). When
+they do not converge in time, migrate refuses and names the laggards. --skip-convergence-check
+migrates without looking (for clusters whose apiserver metrics cannot be read: then wait for the
+rotation to reach every apiserver yourself).
 
 --state-file makes a run resumable: every rewritten object is recorded, and a rerun with the
 same file skips them. --limit migrates in batches. --qps and --concurrency bound the load.
 
-Exit code 0 when nothing stale remains, 2 when stale objects remain (e.g. after --limit),
-1 on errors or objects that failed.`,
+Exit code 0 when nothing stale remains, 2 when stale objects remain (e.g. after --limit) or the
+apiservers did not converge, 1 on errors or objects that failed.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runMigrate(cmd, &f) },
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster)")
-	fl.StringVar(&f.kubeContext, "context", "", "kubeconfig context (default: the current one)")
+	f.cluster.add(cmd, true)
+	fl.DurationVar(&f.convergenceTimeout, "convergence-timeout", 5*time.Minute, "how long to wait for every apiserver to write under the key_id before refusing")
+	fl.BoolVar(&f.skipConvergence, "skip-convergence-check", false, "do not check that every apiserver writes under the key_id (when their metrics cannot be read)")
 	fl.StringSliceVar(&f.resources, "resources", []string{"secrets"}, "resources to migrate, as resource[.group] (secrets,configmaps,widgets.example.com)")
 	fl.StringSliceVar(&f.etcd.endpoints, "etcd-endpoints", nil, "live etcd endpoints (https://host:2379,...) to find stale objects and check the result")
 	fl.StringVar(&f.etcd.cacert, "cacert", "", "CA bundle to verify etcd's certificate")
@@ -102,6 +111,8 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 		return fmt.Errorf("--limit %d: want >= 0", f.limit)
 	case f.includePlaintext && !useEtcd:
 		return errors.New("--include-plaintext needs --etcd-endpoints (with --all every object is rewritten anyway)")
+	case f.convergenceTimeout <= 0:
+		return fmt.Errorf("--convergence-timeout %v: want > 0", f.convergenceTimeout)
 	}
 	grs, err := migrate.ParseResources(f.resources)
 	if err != nil {
@@ -117,10 +128,18 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 		return errors.New("--etcd-endpoints needs the current key_id: give --plugin or --current-key-id")
 	}
 
-	cfg, err := loadKubeconfig(f.kubeconfig, f.kubeContext)
+	cfg, err := f.cluster.kube.load("migrate")
 	if err != nil {
 		return err
 	}
+	if f.skipConvergence {
+		fmt.Fprintln(out, "Convergence not checked (--skip-convergence-check): the apiservers may still write under an older key_id.")
+	} else {
+		if keyID, err = waitConvergence(cmd, &f.cluster, cfg, f.pluginEndpoint, keyID, f.timeout, f.convergenceTimeout); err != nil {
+			return err
+		}
+	}
+	cfg.QPS = -1 // migrate.Run limits the rate itself (--qps)
 	clients, err := migrate.NewClients(cfg)
 	if err != nil {
 		return err
@@ -169,8 +188,8 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 	fmt.Fprintf(out, "Rewritten %d, unchanged %d, resumed from state file %d, deleted meanwhile %d, conflicts retried %d, failed %d, not attempted %d (%s)\n",
 		res.Rewritten, res.Unchanged, res.Resumed, res.Deleted, res.ConflictsRetried, res.Failed, res.NotAttempted, elapsed.Round(time.Millisecond))
 	if plan.FromEtcd && res.Unchanged > 0 {
-		fmt.Fprintf(out, "Warning: kube-apiserver left %d stale object(s) unchanged: it may not use key_id %q yet "+
-			"(it polls the plugin's Status about once a minute); run again later.\n", res.Unchanged, keyID)
+		fmt.Fprintf(out, "Warning: kube-apiserver left %d stale object(s) unchanged: it did not use key_id %q "+
+			"(the key_id changed during the migration, or the convergence check was skipped); run again later.\n", res.Unchanged, keyID)
 	}
 	if runErr != nil {
 		return fmt.Errorf("migration stopped: %w", runErr)
@@ -197,20 +216,32 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 	return nil
 }
 
-// loadKubeconfig follows client-go's rules: --kubeconfig, else $KUBECONFIG,
-// else ~/.kube/config, else the in-cluster service account.
-func loadKubeconfig(path, kubeContext string) (*rest.Config, error) {
-	rules := clientcmd.NewDefaultClientConfigLoadingRules()
-	rules.ExplicitPath = path
-	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules,
-		&clientcmd.ConfigOverrides{CurrentContext: kubeContext}).ClientConfig()
+// waitConvergence waits until every apiserver writes under the key_id the
+// plugin reports (asked every round), or keyID, or any agreed key_id; it
+// returns the key_id converged on.
+func waitConvergence(cmd *cobra.Command, cf *clusterFlags, cfg *rest.Config, pluginEndpoint, keyID string, callTimeout, bound time.Duration) (string, error) {
+	ctx, out := cmd.Context(), cmd.OutOrStdout()
+	o, err := cf.observer(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("kubeconfig: %w", err)
+		return "", err
 	}
-	cfg.QPS = -1 // migrate.Run limits the rate itself (--qps)
-	cfg.Timeout = 60 * time.Second
-	cfg.UserAgent = "kubekms-migrate/" + version
-	return cfg, nil
+	target := convergence.Fixed(keyID)
+	if pluginEndpoint != "" {
+		target = func(ctx context.Context) (string, error) { return currentKeyID(ctx, pluginEndpoint, callTimeout) }
+	}
+	progress, finish := waitProgress(cmd, "apiservers writing under the key_id")
+	conv, err := o.Wait(ctx, target, convergence.WaitOptions{Timeout: bound, Progress: progress})
+	finish()
+	if err != nil {
+		return "", notConverged(fmt.Errorf("refusing to migrate: %w", err),
+			"Run again once they converge (kubekms status --cluster shows them), or give --skip-convergence-check if their metrics cannot be read.")
+	}
+	fmt.Fprintf(out, "Convergence: all %d apiserver(s) write under %s (checked in %s)\n",
+		len(conv.Report.Apiservers), keyName(conv.KeyIDHash, conv.KeyID), conv.Waited.Round(100*time.Millisecond))
+	if conv.KeyID != "" {
+		return conv.KeyID, nil
+	}
+	return keyID, nil
 }
 
 func planFromEtcd(ctx context.Context, src *etcdFlags, resources []migrate.Resource, opts migrate.EtcdOptions) (*migrate.Plan, error) {

@@ -90,6 +90,7 @@ func newSoftkeyCmd() *cobra.Command {
 		c.Flags().BoolVar(&disableAll, "all", false, "all versions")
 	}
 	cmd.AddCommand(rotate, list, disable, enable)
+	cmd.AddCommand(newSoftkeyShareCmds(path)...)
 	return cmd
 }
 
@@ -106,5 +107,9 @@ func printRing(cmd *cobra.Command, ring *softkey.Keyring) error {
 		}
 		fmt.Fprintf(w, "%d\t%s\t%s\t%s\n", v.Version, ring.KeyID(v.Version), v.Created.Format(time.RFC3339), state)
 	}
-	return w.Flush()
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	_, err := fmt.Fprintf(cmd.OutOrStdout(), "fingerprint %s\n", softkey.Fingerprint(ring))
+	return err
 }

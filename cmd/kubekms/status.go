@@ -5,8 +5,12 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
-
+	"errors"
 	"fmt"
+	"io"
+	"maps"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -31,26 +35,44 @@ type statusReport struct {
 }
 
 func newStatusCmd() *cobra.Command {
-	var endpoint, output string
+	var plugins []string
+	var output string
 	var timeout time.Duration
-	var noRoundTrip bool
+	var noRoundTrip, cluster bool
+	var cf clusterFlags
 	cmd := &cobra.Command{
 		Use:   "status",
-		Short: "Check any KMS v2 plugin: Status, one Encrypt/Decrypt round trip, the apiserver's limits",
+		Short: "Check any KMS v2 plugin (Status, one Encrypt/Decrypt round trip, the apiserver's limits), or with --cluster which key_id every apiserver writes under",
 		Long: `Checks a KMS v2 plugin (kubekms or any other) the way kube-apiserver uses it: Status, then one
 Encrypt and Decrypt of a random 32-byte seed with a fresh uid, timing each, and the limits the
 apiserver enforces on the answers. Exit code 0 when all is well, 2 when the plugin answered but
-is unhealthy or broke a rule, 1 when it could not be reached.`,
+is unhealthy or broke a rule, 1 when it could not be reached.
+
+With --cluster it reports instead, for every kube-apiserver of the cluster, which KMS key_id it
+writes new objects under: the apiserver identity Leases (kube-system) say how many there are;
+each apiserver's /metrics (apiserver_envelope_encryption_key_id_hash_*: the sha256 of the key_id
+its last Status poll returned and of the last one it wrote under) and its /readyz KMS check say
+what it uses. --apiservers says how to reach them. The key_id is shown readable when one of the
+--plugin endpoints reports it. Reading /readyz runs an apiserver's Status poll when its last one
+is older than 20 s. Exit code 0 when every apiserver writes under the same key_id, 2 when not
+(each reason printed), 1 on errors. Needs get on /metrics (e.g. the system:monitoring group).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			rep, err := checkPlugin(cmd.Context(), endpoint, timeout, !noRoundTrip)
+			if output != "text" && output != "json" {
+				return fmt.Errorf("-o %q: want text or json", output)
+			}
+			if cluster {
+				return runClusterStatus(cmd, &cf, plugins, timeout, output)
+			}
+			if len(plugins) != 1 {
+				return errors.New("give one --plugin (several only with --cluster)")
+			}
+			rep, err := checkPlugin(cmd.Context(), plugins[0], timeout, !noRoundTrip)
 			if err != nil {
 				return err
 			}
 			if output == "json" {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(rep); err != nil {
+				if err := writeJSON(cmd.OutOrStdout(), rep); err != nil {
 					return err
 				}
 			} else {
@@ -62,11 +84,74 @@ is unhealthy or broke a rule, 1 when it could not be reached.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&endpoint, "endpoint", defaultListen(), "plugin socket: unix:///path.sock")
-	cmd.Flags().DurationVar(&timeout, "timeout", kmsclient.DefaultTimeout, "per-call timeout (the apiserver's default is 3s)")
-	cmd.Flags().BoolVar(&noRoundTrip, "status-only", false, "only call Status (no Encrypt/Decrypt)")
-	cmd.Flags().StringVarP(&output, "output", "o", "text", "output: text or json")
+	fl := cmd.Flags()
+	addPluginFlag(cmd, &plugins, []string{defaultListen()}, "KMS v2 plugin endpoint(s): unix:///path.sock (with --cluster: those whose key_ids to show readable)")
+	fl.DurationVar(&timeout, "timeout", kmsclient.DefaultTimeout, "per-call timeout (the apiserver's default is 3s)")
+	fl.BoolVar(&noRoundTrip, "status-only", false, "only call Status (no Encrypt/Decrypt)")
+	fl.StringVarP(&output, "output", "o", "text", "output: text or json")
+	fl.BoolVar(&cluster, "cluster", false, "report which key_id every kube-apiserver writes under, and whether they agree")
+	cf.add(cmd, true)
 	return cmd
+}
+
+// addPluginFlag adds --plugin (repeatable) and its deprecated alias --endpoint.
+func addPluginFlag(cmd *cobra.Command, to *[]string, def []string, usage string) {
+	cmd.Flags().StringSliceVar(to, "plugin", def, usage)
+	cmd.Flags().StringSliceVar(to, "endpoint", def, "deprecated: use --plugin")
+	_ = cmd.Flags().MarkDeprecated("endpoint", "use --plugin, the flag every kubekms tool uses for a plugin")
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func runClusterStatus(cmd *cobra.Command, cf *clusterFlags, plugins []string, timeout time.Duration, output string) error {
+	ctx := cmd.Context()
+	cfg, err := cf.kube.load("status")
+	if err != nil {
+		return err
+	}
+	o, err := cf.observer(cfg)
+	if err != nil {
+		return err
+	}
+	// Plugins are optional here, only for readable key_ids: the default
+	// socket is asked only if it exists.
+	o.KeyIDs = map[string]string{}
+	given := cmd.Flags().Changed("plugin") || cmd.Flags().Changed("endpoint")
+	for _, ep := range plugins {
+		if path, ok := strings.CutPrefix(ep, "unix://"); !given && (!ok || !fileExists(path)) {
+			continue
+		}
+		ids, err := pluginKeyIDs(ctx, []string{ep}, timeout)
+		if err != nil {
+			return err
+		}
+		maps.Copy(o.KeyIDs, ids)
+	}
+	rep, err := o.Observe(ctx)
+	if err != nil {
+		return err
+	}
+	if output == "json" {
+		err = writeJSON(cmd.OutOrStdout(), rep)
+	} else {
+		printClusterReport(cmd.OutOrStdout(), rep)
+	}
+	if err != nil {
+		return err
+	}
+	if !rep.Agreed {
+		return &exitError{code: 2, err: errors.New("the apiservers do not all write under the same key_id")}
+	}
+	return nil
 }
 
 func checkPlugin(ctx context.Context, endpoint string, timeout time.Duration, roundTrip bool) (*statusReport, error) {
