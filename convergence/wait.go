@@ -2,6 +2,7 @@ package convergence
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -27,6 +28,11 @@ func (e *NotConvergedError) Error() string {
 // a plugin that itself lags behind a rotation can catch up. An empty key_id
 // means any key_id the apiservers agree on.
 type Target func(ctx context.Context) (keyID string, err error)
+
+// ErrUnsettled is returned (wrapped) by a Target that cannot name a
+// key_id yet, e.g. because the plugins it asks disagree: Wait keeps waiting
+// and names the reason among the laggards.
+var ErrUnsettled = errors.New("the key_id to wait for is not settled")
 
 // Fixed is a Target that never changes.
 func Fixed(keyID string) Target {
@@ -75,7 +81,11 @@ func (o *Observer) Wait(ctx context.Context, target Target, opts WaitOptions) (*
 	res := &Convergence{Times: map[string]time.Duration{}}
 	for {
 		keyID, err := target(ctx)
-		if err != nil {
+		unsettled := ""
+		switch {
+		case errors.Is(err, ErrUnsettled):
+			unsettled, keyID = err.Error(), res.KeyID
+		case err != nil:
 			return res, fmt.Errorf("the key_id to wait for: %w", err)
 		}
 		want := ""
@@ -100,7 +110,7 @@ func (o *Observer) Wait(ctx context.Context, target Target, opts WaitOptions) (*
 		if opts.Progress != nil {
 			opts.Progress(rep, want)
 		}
-		if rep.Agreed && (want == "" || rep.KeyIDHash == want) {
+		if unsettled == "" && rep.Agreed && (want == "" || rep.KeyIDHash == want) {
 			res.KeyIDHash = rep.KeyIDHash
 			return res, nil
 		}
@@ -114,6 +124,9 @@ func (o *Observer) Wait(ctx context.Context, target Target, opts WaitOptions) (*
 				e.Laggards = rep.Laggards(want)
 			} else {
 				e.Laggards = rep.Laggards("")
+			}
+			if unsettled != "" {
+				e.Laggards = append([]string{unsettled}, e.Laggards...)
 			}
 			return res, e
 		}

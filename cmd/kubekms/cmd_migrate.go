@@ -26,7 +26,8 @@ type migrateFlags struct {
 	skipConvergence       bool
 	resources             []string
 	etcd                  etcdFlags
-	pluginEndpoint, keyID string
+	plugins               []string
+	keyID                 string
 	timeout               time.Duration
 	all, includePlaintext bool
 	qps                   float64
@@ -81,7 +82,7 @@ apiservers did not converge, 1 on errors or objects that failed.`,
 	fl.StringVar(&f.etcd.key, "key", "", "client key for etcd")
 	fl.StringVar(&f.etcd.prefix, "prefix", inventory.RegistryPrefix, "kube-apiserver's etcd prefix (--etcd-prefix, with a trailing /)")
 	fl.IntVar(&f.etcd.pageSize, "page-size", snapshot.DefaultPageSize, "keys per range read on etcd")
-	fl.StringVar(&f.pluginEndpoint, "plugin", "", "KMS v2 plugin endpoint (unix:///path.sock) whose Status gives the current key_id")
+	addPluginFlag(cmd, &f.plugins, nil, "KMS v2 plugin endpoint(s) (unix:///path.sock) whose Status gives the current key_id; several must agree")
 	fl.StringVar(&f.keyID, "current-key-id", "", "the current key_id, instead of asking --plugin")
 	fl.DurationVar(&f.timeout, "timeout", kmsclient.DefaultTimeout, "per-call timeout for the plugin")
 	fl.BoolVar(&f.all, "all", false, "list and rewrite every object through the API instead of finding stale ones in etcd")
@@ -101,7 +102,7 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 	switch {
 	case !useEtcd && !f.all:
 		return errors.New("give --etcd-endpoints (to find the stale objects in etcd) or --all (to rewrite every object through the API)")
-	case f.pluginEndpoint != "" && f.keyID != "":
+	case len(f.plugins) > 0 && f.keyID != "":
 		return errors.New("give at most one of --plugin and --current-key-id")
 	case f.qps < 0:
 		return fmt.Errorf("--qps %v: want >= 0", f.qps)
@@ -119,8 +120,8 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 		return fmt.Errorf("--resources: %w", err)
 	}
 	keyID := f.keyID
-	if f.pluginEndpoint != "" {
-		if keyID, err = currentKeyID(ctx, f.pluginEndpoint, f.timeout); err != nil {
+	if len(f.plugins) > 0 {
+		if keyID, err = pluginsKeyID(ctx, f.plugins, f.timeout); err != nil {
 			return fmt.Errorf("current key_id: %w", err)
 		}
 	}
@@ -135,7 +136,7 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 	if f.skipConvergence {
 		fmt.Fprintln(out, "Convergence not checked (--skip-convergence-check): the apiservers may still write under an older key_id.")
 	} else {
-		if keyID, err = waitConvergence(cmd, &f.cluster, cfg, f.pluginEndpoint, keyID, f.timeout, f.convergenceTimeout); err != nil {
+		if keyID, err = waitConvergence(cmd, &f.cluster, cfg, f.plugins, keyID, f.timeout, f.convergenceTimeout); err != nil {
 			return err
 		}
 	}
@@ -219,15 +220,15 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 // waitConvergence waits until every apiserver writes under the key_id the
 // plugin reports (asked every round), or keyID, or any agreed key_id; it
 // returns the key_id converged on.
-func waitConvergence(cmd *cobra.Command, cf *clusterFlags, cfg *rest.Config, pluginEndpoint, keyID string, callTimeout, bound time.Duration) (string, error) {
+func waitConvergence(cmd *cobra.Command, cf *clusterFlags, cfg *rest.Config, plugins []string, keyID string, callTimeout, bound time.Duration) (string, error) {
 	ctx, out := cmd.Context(), cmd.OutOrStdout()
 	o, err := cf.observer(cfg)
 	if err != nil {
 		return "", err
 	}
 	target := convergence.Fixed(keyID)
-	if pluginEndpoint != "" {
-		target = func(ctx context.Context) (string, error) { return currentKeyID(ctx, pluginEndpoint, callTimeout) }
+	if len(plugins) > 0 {
+		target = func(ctx context.Context) (string, error) { return pluginsKeyID(ctx, plugins, callTimeout) }
 	}
 	progress, finish := waitProgress(cmd, "apiservers writing under the key_id")
 	conv, err := o.Wait(ctx, target, convergence.WaitOptions{Timeout: bound, Progress: progress})
@@ -242,6 +243,25 @@ func waitConvergence(cmd *cobra.Command, cf *clusterFlags, cfg *rest.Config, plu
 		return conv.KeyID, nil
 	}
 	return keyID, nil
+}
+
+// pluginsKeyID is the key_id the plugins agree on; when they disagree (a
+// rotation reaches them one after another) the error wraps
+// convergence.ErrUnsettled.
+func pluginsKeyID(ctx context.Context, plugins []string, timeout time.Duration) (string, error) {
+	var first string
+	for i, ep := range plugins {
+		id, err := currentKeyID(ctx, ep, timeout)
+		if err != nil {
+			return "", fmt.Errorf("plugin %s: %w", ep, err)
+		}
+		if i == 0 {
+			first = id
+		} else if id != first {
+			return "", fmt.Errorf("%w: plugin %s reports %s, plugin %s reports %s", convergence.ErrUnsettled, plugins[0], first, ep, id)
+		}
+	}
+	return first, nil
 }
 
 func planFromEtcd(ctx context.Context, src *etcdFlags, resources []migrate.Resource, opts migrate.EtcdOptions) (*migrate.Plan, error) {

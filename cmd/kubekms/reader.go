@@ -15,6 +15,7 @@ import (
 	"github.com/kubekms/kubekms/envelope"
 	"github.com/kubekms/kubekms/envelope/kmsclient"
 	"github.com/kubekms/kubekms/keyservice"
+	"github.com/kubekms/kubekms/keyservice/softkey"
 	"github.com/kubekms/kubekms/localplugin"
 )
 
@@ -158,6 +159,10 @@ func (f *readerFlags) open(ctx context.Context, log keyservice.Options) (*reader
 }
 
 func (f *readerFlags) localPlugin(ctx context.Context, uri string, opts keyservice.Options) (*localplugin.Plugin, error) {
+	// softkey creates a missing keyring: recovery must read an existing one.
+	if path, err := softkey.ParseURI(uri); err == nil && !fileExists(path) {
+		return nil, fmt.Errorf("--key-uri %s: no keyring at %s", uri, path)
+	}
 	opts.ClusterName, opts.KeyIDSuffix = f.clusterName, f.keyIDSuffix
 	return localplugin.Open(ctx, newRegistry(), uri, opts)
 }

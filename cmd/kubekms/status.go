@@ -1,9 +1,6 @@
 package main
 
 import (
-	"bytes"
-	"context"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,26 +10,11 @@ import (
 	"strings"
 	"time"
 
-	"github.com/google/uuid"
 	"github.com/spf13/cobra"
-	kmsservice "k8s.io/kms/pkg/service"
 
 	"github.com/kubekms/kubekms/envelope/kmsclient"
-	"github.com/kubekms/kubekms/plugin"
+	"github.com/kubekms/kubekms/plugincheck"
 )
-
-// statusReport is what `kubekms status` measures.
-type statusReport struct {
-	Endpoint      string   `json:"endpoint"`
-	Version       string   `json:"version"`
-	Healthz       string   `json:"healthz"`
-	KeyID         string   `json:"key_id"`
-	StatusMillis  float64  `json:"status_ms"`
-	EncryptMillis float64  `json:"encrypt_ms,omitempty"`
-	DecryptMillis float64  `json:"decrypt_ms,omitempty"`
-	UID           string   `json:"uid,omitempty"`
-	Problems      []string `json:"problems"`
-}
 
 func newStatusCmd() *cobra.Command {
 	var plugins []string
@@ -67,7 +49,7 @@ is older than 20 s. Exit code 0 when every apiserver writes under the same key_i
 			if len(plugins) != 1 {
 				return errors.New("give one --plugin (several only with --cluster)")
 			}
-			rep, err := checkPlugin(cmd.Context(), plugins[0], timeout, !noRoundTrip)
+			rep, err := plugincheck.Check(cmd.Context(), plugins[0], timeout, !noRoundTrip)
 			if err != nil {
 				return err
 			}
@@ -154,67 +136,7 @@ func runClusterStatus(cmd *cobra.Command, cf *clusterFlags, plugins []string, ti
 	return nil
 }
 
-func checkPlugin(ctx context.Context, endpoint string, timeout time.Duration, roundTrip bool) (*statusReport, error) {
-	c, err := kmsclient.Dial(endpoint, timeout)
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
-	rep := &statusReport{Endpoint: endpoint, Problems: []string{}}
-	problem := func(format string, args ...any) { rep.Problems = append(rep.Problems, fmt.Sprintf(format, args...)) }
-
-	start := time.Now()
-	st, err := c.Status(ctx)
-	rep.StatusMillis = millis(time.Since(start))
-	if err != nil {
-		return nil, fmt.Errorf("status call: %w", err)
-	}
-	rep.Version, rep.Healthz, rep.KeyID = st.Version, st.Healthz, st.KeyID
-	if st.Version != "v2" && st.Version != "v2beta1" {
-		problem("version is %q; the apiserver wants v2 (or v2beta1)", st.Version)
-	}
-	if st.Healthz != "ok" {
-		problem("healthz is %q, not \"ok\"", st.Healthz)
-	}
-	if st.KeyID == "" || len(st.KeyID) > 1024 {
-		problem("key_id is %d bytes; the apiserver wants 1..1024", len(st.KeyID))
-	}
-	if !roundTrip || st.Healthz != "ok" {
-		return rep, nil
-	}
-	seed := make([]byte, 32)
-	if _, err := rand.Read(seed); err != nil {
-		return nil, err
-	}
-	rep.UID = uuid.NewString()
-	start = time.Now()
-	enc, err := c.Encrypt(ctx, rep.UID, seed)
-	rep.EncryptMillis = millis(time.Since(start))
-	if err != nil {
-		problem("Encrypt: %v", err)
-		return rep, nil
-	}
-	if err := plugin.CheckEncryptAnswer(enc.Ciphertext, enc.KeyID, enc.Annotations); err != nil {
-		problem("Encrypt answer: %v", err)
-	}
-	if enc.KeyID != st.KeyID {
-		problem("Encrypt's key_id %q differs from Status's %q: the apiserver would refuse the new seed", enc.KeyID, st.KeyID)
-	}
-	start = time.Now()
-	plain, err := c.Decrypt(ctx, rep.UID, &kmsservice.DecryptRequest{Ciphertext: enc.Ciphertext, KeyID: enc.KeyID, Annotations: enc.Annotations})
-	rep.DecryptMillis = millis(time.Since(start))
-	switch {
-	case err != nil:
-		problem("Decrypt: %v", err)
-	case !bytes.Equal(plain, seed):
-		problem("Decrypt returned different bytes than were encrypted")
-	}
-	return rep, nil
-}
-
-func millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-
-func printStatus(cmd *cobra.Command, r *statusReport) {
+func printStatus(cmd *cobra.Command, r *plugincheck.Report) {
 	w := cmd.OutOrStdout()
 	fmt.Fprintf(w, "endpoint:  %s\nversion:   %s\nhealthz:   %s\nkey_id:    %s\n", r.Endpoint, r.Version, r.Healthz, r.KeyID)
 	fmt.Fprintf(w, "Status:    %.2f ms\n", r.StatusMillis)

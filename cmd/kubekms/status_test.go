@@ -15,6 +15,7 @@ import (
 	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/keyservice/softkey"
 	"github.com/kubekms/kubekms/plugin"
+	"github.com/kubekms/kubekms/plugincheck"
 )
 
 func serveOn(t *testing.T, register func(*grpc.Server)) string {
@@ -47,7 +48,7 @@ func TestStatusOfKubekms(t *testing.T) {
 	}
 	defer h.Close()
 	endpoint := serveOn(t, func(s *grpc.Server) { kmsapi.RegisterKeyManagementServiceServer(s, plugin.NewV2(h, plugin.Options{})) })
-	rep, err := checkPlugin(context.Background(), endpoint, 3*time.Second, true)
+	rep, err := plugincheck.Check(context.Background(), endpoint, 3*time.Second, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,7 +77,7 @@ func (badPlugin) Decrypt(context.Context, *kmsapi.DecryptRequest) (*kmsapi.Decry
 
 func TestStatusFindsProblems(t *testing.T) {
 	endpoint := serveOn(t, func(s *grpc.Server) { kmsapi.RegisterKeyManagementServiceServer(s, badPlugin{}) })
-	rep, err := checkPlugin(context.Background(), endpoint, 3*time.Second, true)
+	rep, err := plugincheck.Check(context.Background(), endpoint, 3*time.Second, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,7 +97,7 @@ func TestStatusFindsProblems(t *testing.T) {
 }
 
 func TestStatusUnreachable(t *testing.T) {
-	_, err := checkPlugin(context.Background(), "unix:///nonexistent/kubekms.sock", 300*time.Millisecond, true)
+	_, err := plugincheck.Check(context.Background(), "unix:///nonexistent/kubekms.sock", 300*time.Millisecond, true)
 	if err == nil || exitCode(err) != 1 {
 		t.Fatalf("unreachable plugin: %v", err)
 	}

@@ -92,6 +92,10 @@ type StartOptions struct {
 	// WaitPath is the endpoint Start waits for (default "/readyz"); e.g.
 	// "/livez?exclude=kms-providers" to start while the plugin is unhealthy.
 	WaitPath string
+	// Hostname, when set, runs kube-apiserver in its own UTS namespace with
+	// this hostname: its identity (lease name, apiserver_id_hash) derives
+	// from the hostname, so several apiservers on one machine need one each.
+	Hostname string
 }
 
 // Start starts kube-apiserver and waits for /readyz; it returns the time from
@@ -130,7 +134,12 @@ func (a *APIServer) Start(ctx context.Context, opts StartOptions) (time.Duration
 	args = append(args, opts.ExtraArgs...)
 	logPath := filepath.Join(a.dir, fmt.Sprintf("kube-apiserver-%d.log", a.starts))
 	start := time.Now()
-	proc, err := StartProcess(a.t, "kube-apiserver", logPath, a.Bin, args...)
+	bin := a.Bin
+	if opts.Hostname != "" {
+		args = append([]string{"--uts", "--", "sh", "-c", `hostname "$0" && exec "$@"`, opts.Hostname, a.Bin}, args...)
+		bin = "unshare"
+	}
+	proc, err := StartProcess(a.t, "kube-apiserver", logPath, bin, args...)
 	if err != nil {
 		return 0, err
 	}
