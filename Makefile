@@ -12,7 +12,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 RACE_PKGS := ./hierarchy/... ./plugin/... ./keyservice/... ./envelope/ ./migrate/ ./snapshot/ ./inventory/ ./cmd/kubekms/
 FUZZTIME ?= 10s
 
-.PHONY: all build run deps vault test unit lint e2e e2e-revocation e2e-vault bench fuzz image clean
+.PHONY: all build run deps vault test unit lint e2e e2e-revocation e2e-vault e2e-ha bench fuzz image clean
 
 all: build
 
@@ -49,6 +49,9 @@ lint:
 	$(GO) vet -tags e2e ./test/e2e/...
 	$(GO) run $(STATICCHECK) -tags e2e ./test/e2e/...
 
+# The HA suite (three apiservers, three plugins, local-kms) and the recovery test: make e2e-ha.
+E2E_HA_TESTS := TestHA|TestRecoveryEncryptionConfig
+
 ## e2e: the real-cluster suite (kube-apiserver + etcd built from the Go module proxy; ~20 min the first time).
 ## E2E_RUN / E2E_SKIP select tests (go test -run / -skip); independent clusters run in parallel.
 E2E_RUN ?= .
@@ -67,6 +70,14 @@ e2e-revocation: deps
 ## are in e2e-revocation).
 e2e-vault: deps
 	$(MAKE) e2e E2E_RUN=TestVault
+
+## e2e-ha: a control plane of three (3-member etcd, 3 kube-apiservers, 3 plugins on one AWS KMS key in
+## local-kms): rotation and migration per node, guided rotation, kills under load; and recovery with
+## the apiserver's EncryptionConfiguration from a real etcd snapshot. ~4 min; needs root (network and
+## UTS namespaces).
+e2e-ha:
+	hack/install-local-kms.sh
+	$(MAKE) e2e E2E_RUN='$(E2E_HA_TESTS)'
 
 ## bench: the gRPC benchmarks against a no-op KMS server on the same kind of socket.
 bench: deps

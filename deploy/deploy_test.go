@@ -789,7 +789,7 @@ func status(t *testing.T, sock string, cred *syscall.Credential, timeout time.Du
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, kubekms(t), "status", "--endpoint", "unix://"+sock, "--timeout", timeout.String())
+	cmd := exec.CommandContext(ctx, kubekms(t), "status", "--plugin", "unix://"+sock, "--timeout", timeout.String())
 	cmd.Env = []string{}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
 	start := time.Now()

@@ -5,8 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"time"
+
+	"github.com/google/renameio/v2"
 )
 
 // Phase is a step of a guided rotation, in this order.
@@ -102,29 +103,13 @@ func LoadState(path string) (*State, error) {
 	return &s, nil
 }
 
-// save writes the state atomically (temp file, fsync, rename).
+// save writes the state atomically (temp file, fsync, rename), mode 0600.
 func (s *State) save(path string) error {
 	data, err := json.MarshalIndent(s, "", "  ")
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("rotation state: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(append(data, '\n')); err != nil {
-		tmp.Close()
-		return fmt.Errorf("rotation state: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("rotation state: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("rotation state: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
+	if err := renameio.WriteFile(path, append(data, '\n'), 0o600); err != nil {
 		return fmt.Errorf("rotation state: %w", err)
 	}
 	return nil

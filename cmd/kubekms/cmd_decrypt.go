@@ -9,7 +9,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kubekms/kubekms/decrypt"
-	"github.com/kubekms/kubekms/keyservice"
 )
 
 func newDecryptCmd() *cobra.Command {
@@ -62,11 +61,7 @@ everything selected was written, 2 when some objects failed, 1 on errors.`,
 				}
 				sink = d
 			}
-			log, err := newLogger(cmd.ErrOrStderr(), "text", "warn")
-			if err != nil {
-				return err
-			}
-			reader, err := rf.open(ctx, keyservice.Options{Logger: log})
+			reader, err := rf.openFor(cmd)
 			if err != nil {
 				return err
 			}

@@ -20,7 +20,6 @@ import (
 	"github.com/kubekms/kubekms/encconfig"
 	"github.com/kubekms/kubekms/envelope/kmsclient"
 	"github.com/kubekms/kubekms/inventory"
-	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/snapshot"
 )
 
@@ -190,11 +189,7 @@ Exit code 0, or 2 when --fail-on-stale / --fail-on-plaintext find something, 1 o
 				if keyID != "" {
 					return errors.New("--current-key-id and --encryption-config exclude each other: with the config, the apiserver's transformers judge staleness")
 				}
-				log, err := newLogger(cmd.ErrOrStderr(), "text", "warn")
-				if err != nil {
-					return err
-				}
-				reader, err := rf.open(ctx, keyservice.Options{Logger: log})
+				reader, err := rf.openFor(cmd)
 				if err != nil {
 					return err
 				}

@@ -119,14 +119,17 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 	if err != nil {
 		return fmt.Errorf("--resources: %w", err)
 	}
+	if useEtcd && len(f.plugins) == 0 && f.keyID == "" {
+		return errors.New("--etcd-endpoints needs the current key_id: give --plugin or --current-key-id")
+	}
 	keyID := f.keyID
 	if len(f.plugins) > 0 {
-		if keyID, err = pluginsKeyID(ctx, f.plugins, f.timeout); err != nil {
+		// Plugins that disagree (a rotation reaching them one after another)
+		// are waited for below, with the apiservers.
+		keyID, err = pluginsKeyID(ctx, f.plugins, f.timeout)
+		if err != nil && (f.skipConvergence || !errors.Is(err, convergence.ErrUnsettled)) {
 			return fmt.Errorf("current key_id: %w", err)
 		}
-	}
-	if useEtcd && keyID == "" {
-		return errors.New("--etcd-endpoints needs the current key_id: give --plugin or --current-key-id")
 	}
 
 	cfg, err := f.cluster.kube.load("migrate")

@@ -61,6 +61,15 @@ type readerCloser struct {
 	what string
 }
 
+// openFor is open with warnings logged to cmd's stderr.
+func (f *readerFlags) openFor(cmd *cobra.Command) (*readerCloser, error) {
+	log, err := newLogger(cmd.ErrOrStderr(), "text", "warn")
+	if err != nil {
+		return nil, err
+	}
+	return f.open(cmd.Context(), keyservice.Options{Logger: log})
+}
+
 // open returns the Opener the flags describe. Without --encryption-config
 // it needs exactly one --plugin or --key-uri.
 func (f *readerFlags) open(ctx context.Context, log keyservice.Options) (*readerCloser, error) {

@@ -381,7 +381,7 @@ func testHARotationThenMigrate(ctx context.Context, t *testing.T, b binaries, h 
 			t.Fatal("no plugin saw the re-pointed alias within a minute")
 		}
 	}
-	args := append(append([]string{"migrate"}, h.common()...), "--resources", "secrets",
+	args := append(append([]string{"migrate"}, h.common()...), "--resources", "secrets,configmaps",
 		"--etcd-endpoints", strings.Join(h.etcd.Endpoints, ","), "--plugin", h.pluginEndpoints(), "--convergence-timeout", "3m")
 	startMigrate := time.Now()
 	out, code := migRunCLI(ctx, t, b.kubekms, args...)
@@ -522,7 +522,7 @@ func testHAGuidedRotation(ctx context.Context, t *testing.T, b binaries, h *haCl
 	for _, a := range slices.Sorted(mapsKeys(st.ApiserverSeconds)) {
 		fmt.Fprintf(&b2, "MEASURED apiserver %s: %.1f s\n", a, st.ApiserverSeconds[a])
 	}
-	fmt.Fprintf(&b2, "MEASURED migrated %d stale Secrets; whole rotation %s\n", st.Rewritten, st.Finished.Sub(st.Started).Round(time.Second))
+	fmt.Fprintf(&b2, "MEASURED migrated %d stale objects (Secrets and ConfigMaps); whole rotation %s\n", st.Rewritten, st.Finished.Sub(st.Started).Round(time.Second))
 	t.Log("\n" + b2.String())
 	h.readEverywhere(ctx, t, h.w.snapshot(), "after the guided rotation")
 }
@@ -556,7 +556,7 @@ func testHASecondRotationRefused(ctx context.Context, t *testing.T, b binaries, 
 	if code != 2 || !strings.Contains(errText, "still stale") || !strings.Contains(errText, "--force") {
 		t.Fatalf("a rotation with stale objects: exit %d\n%s", code, errText)
 	}
-	margs := append([]string{"migrate"}, append(h.common(), "--resources", "secrets", "--etcd-endpoints", strings.Join(h.etcd.Endpoints, ","),
+	margs := append([]string{"migrate"}, append(h.common(), "--resources", "secrets,configmaps", "--etcd-endpoints", strings.Join(h.etcd.Endpoints, ","),
 		"--plugin", h.pluginEndpoints())...)
 	if out, code := migRunCLI(ctx, t, b.kubekms, margs...); code != 0 || !strings.Contains(out, "Check of etcd: 0 stale") {
 		t.Fatalf("migrate: exit %d\n%s", code, out)

@@ -21,8 +21,6 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/tools/clientcmd"
-	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/kubekms/kubekms/internal/testutil"
 	kkmigrate "github.com/kubekms/kubekms/migrate" // aliased: this package has a func named migrate
@@ -433,19 +431,7 @@ func migOnly(objs map[string]string, prefix string) map[string]string {
 
 // migKubeconfig writes a kubeconfig for the test apiserver (loopback,
 // self-signed certificate, the admin token).
-func migKubeconfig(t *testing.T, c *kmsCluster) string {
-	t.Helper()
-	cfg := clientcmdapi.NewConfig()
-	cfg.Clusters["e2e"] = &clientcmdapi.Cluster{Server: c.api.Config.Host, InsecureSkipTLSVerify: true}
-	cfg.AuthInfos["admin"] = &clientcmdapi.AuthInfo{Token: c.api.Config.BearerToken}
-	cfg.Contexts["e2e"] = &clientcmdapi.Context{Cluster: "e2e", AuthInfo: "admin"}
-	cfg.CurrentContext = "e2e"
-	path := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := clientcmd.WriteToFile(*cfg, path); err != nil {
-		t.Fatal(err)
-	}
-	return path
-}
+func migKubeconfig(t *testing.T, c *kmsCluster) string { return writeKubeconfig(t, c.api.Config) }
 
 // migRunCLI runs kubekms with args (bounded in time) and returns its output
 // and exit code.

@@ -8,7 +8,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -109,19 +108,7 @@ func TestRecoveryEncryptionConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	snap := filepath.Join(t.TempDir(), "etcd.db")
-	rc, err := etcd.Client.Snapshot(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.Create(snap)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.Copy(f, rc); err != nil {
-		t.Fatal(err)
-	}
-	rc.Close()
-	if err := f.Close(); err != nil {
+	if err := cluster.SaveSnapshot(ctx, etcd.Client, snap); err != nil {
 		t.Fatal(err)
 	}
 	if err := api.Stop(); err != nil { // recovery needs no apiserver

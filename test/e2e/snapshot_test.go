@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,6 +17,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/kubekms/kubekms/inventory"
+	"github.com/kubekms/kubekms/test/e2e/cluster"
 )
 
 // TestSnapshotTools: the real kube-apiserver writes Secrets through kubekms,
@@ -74,19 +74,7 @@ func TestSnapshotTools(t *testing.T) {
 	}
 
 	snap := filepath.Join(t.TempDir(), "etcd.db")
-	rc, err := c.etcd.Client.Snapshot(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.Create(snap)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.Copy(f, rc); err != nil {
-		t.Fatal(err)
-	}
-	rc.Close()
-	if err := f.Close(); err != nil {
+	if err := cluster.SaveSnapshot(ctx, c.etcd.Client, snap); err != nil {
 		t.Fatal(err)
 	}
 
