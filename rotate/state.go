@@ -43,8 +43,8 @@ const stateVersion = 1
 // State is a rotation's progress, kept in the state file so that a run
 // interrupted at any point resumes where it stopped.
 type State struct {
-	Version int   `json:"kubekms-rotate"`
-	Phase   Phase `json:"phase"`
+	Version int       `json:"kubekms-rotate"`
+	Phase   Phase     `json:"phase"`
 	Started time.Time `json:"started"`
 	// FromKeyID is the key_id every plugin and apiserver used before; ToKeyID
 	// the new one (set once rotated).
