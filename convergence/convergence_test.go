@@ -1,3 +1,5 @@
+//lint:file-ignore SA1019 TestEndpointURLs covers the fallback to the deprecated core/v1 Endpoints
+
 package convergence
 
 import (
@@ -277,7 +279,6 @@ func TestEndpointURLs(t *testing.T) {
 	if strings.Join(got, " ") != want {
 		t.Errorf("EndpointURLs = %v, want %s", got, want)
 	}
-	//nolint:staticcheck // the deprecated Endpoints fallback
 	kube = fake.NewClientset([]runtime.Object{&corev1.Endpoints{
 		ObjectMeta: metav1.ObjectMeta{Name: "kubernetes", Namespace: "default"},
 		Subsets:    []corev1.EndpointSubset{{Addresses: []corev1.EndpointAddress{{IP: "10.1.0.1"}}, Ports: []corev1.EndpointPort{{Name: "https", Port: 443}}}},

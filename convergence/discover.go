@@ -112,7 +112,7 @@ func EndpointURLs(ctx context.Context, kube kubernetes.Interface) ([]string, err
 		slices.Sort(urls)
 		return urls, nil
 	}
-	//nolint:staticcheck // Endpoints is deprecated in favour of EndpointSlices; older clusters mirror only to it
+	// Endpoints is deprecated in favour of EndpointSlices; older clusters have only it.
 	eps, err := kube.CoreV1().Endpoints(metav1.NamespaceDefault).Get(ctx, "kubernetes", metav1.GetOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("the kubernetes service has no EndpointSlices, and its Endpoints: %w", err)
