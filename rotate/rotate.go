@@ -256,14 +256,6 @@ func (r *run) preflight(ctx context.Context) error {
 			keyID, strings.Join(rep.Laggards(convergence.HashKeyID(keyID)), "\n  "))
 	}
 	if r.cfg.Keyring != "" {
-		ring, err := softkey.Load(r.cfg.Keyring)
-		if err != nil {
-			return fmt.Errorf("preflight: %w", err)
-		}
-		if ring.KeyID(ring.Primary) != keyID {
-			return refuse("preflight: the plugins report %s but the keyring %s's primary is %s: they do not use this keyring",
-				keyID, r.cfg.Keyring, ring.KeyID(ring.Primary))
-		}
 		live := 0
 		for _, l := range rep.Leases {
 			if !l.Expired(rep.At) {
@@ -276,6 +268,14 @@ func (r *run) preflight(ctx context.Context) error {
 				"kubekms softkey stage, export/import to every node (compare the fingerprints), promote on every node, then "+
 				"run kubekms rotate without --key-uri to converge, migrate and verify. Give --shared-keyring only if every "+
 				"plugin reads this very file", live)
+		}
+		ring, err := softkey.Load(r.cfg.Keyring)
+		if err != nil {
+			return fmt.Errorf("preflight: %w", err)
+		}
+		if ring.KeyID(ring.Primary) != keyID {
+			return refuse("preflight: the plugins report %s but the keyring %s's primary is %s: they do not use this keyring",
+				keyID, r.cfg.Keyring, ring.KeyID(ring.Primary))
 		}
 		st.Keyring, st.FromVersion = r.cfg.Keyring, ring.Primary
 	}
