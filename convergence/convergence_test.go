@@ -4,6 +4,7 @@ package convergence
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -38,9 +39,22 @@ import (
 type splitPlugin struct {
 	*envelopetest.Plugin
 	encryptKeyID atomic.Pointer[string]
+	// stopped makes it answer as kubekms does while its key is revoked:
+	// Status unhealthy with StoppedKeyID, Encrypt refused.
+	stopped atomic.Bool
+}
+
+func (p *splitPlugin) Status(ctx context.Context) (*kmsservice.StatusResponse, error) {
+	if p.stopped.Load() {
+		return &kmsservice.StatusResponse{Version: "v2", Healthz: "key revoked", KeyID: StoppedKeyID}, nil
+	}
+	return p.Plugin.Status(ctx)
 }
 
 func (p *splitPlugin) Encrypt(ctx context.Context, uid string, pt []byte) (*kmsservice.EncryptResponse, error) {
+	if p.stopped.Load() {
+		return nil, errors.New("key revoked")
+	}
 	resp, err := p.Plugin.Encrypt(ctx, uid, pt)
 	if id := p.encryptKeyID.Load(); err == nil && id != nil {
 		resp.KeyID = *id
@@ -199,6 +213,34 @@ func TestObserveRealApiserverCode(t *testing.T) {
 	lag := rep.Laggards(HashKeyID("key-3"))
 	if rep.Agreed || a.KeyIDHash != "" || len(lag) != 1 || !strings.Contains(lag[0], "key_id unknown") || !strings.Contains(lag[0], "KMS provider check fails") {
 		t.Errorf("a plugin whose Encrypt disagrees with its Status: agreed %v, %+v, laggards %q", rep.Agreed, a, lag)
+	}
+
+	// The plugin stops writing (kubekms with a revoked key): the apiserver's
+	// metrics now hold the hash of StoppedKeyID from its Status poll (its
+	// failing check reruns it every 3 s). That is "writes stopped", never a
+	// key the apiserver agrees on, and no key_id to wait for.
+	plugin.stopped.Store(true)
+	for deadline = time.Now().Add(30 * time.Second); ; time.Sleep(500 * time.Millisecond) {
+		if rep, err = o.Observe(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if a = rep.Apiservers[0]; a.WritesStopped || time.Now().After(deadline) {
+			break
+		}
+	}
+	lag = rep.Laggards(StoppedKeyIDHash)
+	if !a.WritesStopped || a.KeyID != StoppedKeyID || a.KeyIDHash != StoppedKeyIDHash || rep.Agreed || rep.Converged(StoppedKeyIDHash) ||
+		len(lag) != 1 || !strings.Contains(lag[0], "writes stopped") || !strings.Contains(lag[0], short(key2)) {
+		t.Errorf("a plugin reporting %s: agreed %v, %+v, laggards %q", StoppedKeyID, rep.Agreed, a, lag)
+	}
+	_, err = o.Wait(ctx, Fixed(StoppedKeyID), WaitOptions{Timeout: time.Second, Interval: 200 * time.Millisecond})
+	var nc *NotConvergedError
+	if !errors.As(err, &nc) || !strings.Contains(nc.Error(), "names no key") || len(nc.Laggards) != 2 || !strings.Contains(nc.Laggards[1], id+" (node-1") {
+		t.Errorf("Wait for %s: %v", StoppedKeyID, err)
+	}
+	conv, err = o.Wait(ctx, Fixed(""), WaitOptions{Timeout: time.Second, Interval: 200 * time.Millisecond})
+	if !errors.As(err, &nc) || len(conv.Times) != 0 {
+		t.Errorf("Wait for any agreement while writes are stopped: %v, times %v", err, conv.Times)
 	}
 }
 

@@ -69,7 +69,12 @@ type Apiserver struct {
 	LastWrite  *KeyUse   `json:"lastWrite,omitempty"`
 	KMSHealthy bool      `json:"kmsHealthy"`
 	ConfigHash string    `json:"encryptionConfigHash,omitempty"`
-	// Reason explains an empty KeyIDHash or a failed read.
+	// WritesStopped is set when its plugin's last Status reported
+	// StoppedKeyID (KeyIDHash is then StoppedKeyIDHash, which names no key):
+	// the apiserver writes under its previous seed until that expires, then
+	// refuses writes. It never agrees with anything.
+	WritesStopped bool `json:"writesStopped,omitempty"`
+	// Reason explains an empty KeyIDHash, stopped writes, or a failed read.
 	Reason string `json:"reason,omitempty"`
 	// Denied is set when the apiserver refused the credentials (401/403):
 	// waiting does not help.
@@ -110,19 +115,35 @@ func (a Apiserver) Name() string {
 func (r *Report) Laggards(target string) []string {
 	out := slices.Clone(r.Problems)
 	for _, a := range r.Apiservers {
-		switch {
-		case a.KeyIDHash == "":
-			out = append(out, fmt.Sprintf("%s: key_id unknown: %s", a.Name(), a.Reason))
-		case target == "" && !r.Agreed:
-			out = append(out, fmt.Sprintf("%s writes under %s", a.Name(), describeKey(a.KeyIDHash, a.KeyID)))
-		case target != "" && a.KeyIDHash != target:
-			out = append(out, fmt.Sprintf("%s writes under %s", a.Name(), describeKey(a.KeyIDHash, a.KeyID)))
+		if a.WritesStopped || a.KeyIDHash == "" || (target == "" && !r.Agreed) || (target != "" && a.KeyIDHash != target) {
+			out = append(out, a.state())
 		}
 	}
 	if len(r.Apiservers) == 0 && len(out) == 0 {
 		out = append(out, "no apiserver was read")
 	}
 	return out
+}
+
+// States says, per apiserver, what it writes under (or why that is not
+// known), and the problems that prevent agreement.
+func (r *Report) States() []string {
+	out := slices.Clone(r.Problems)
+	for _, a := range r.Apiservers {
+		out = append(out, a.state())
+	}
+	return out
+}
+
+// state says what a writes under, or why that is not known.
+func (a Apiserver) state() string {
+	switch {
+	case a.WritesStopped:
+		return fmt.Sprintf("%s: %s", a.Name(), a.Reason)
+	case a.KeyIDHash == "":
+		return fmt.Sprintf("%s: key_id unknown: %s", a.Name(), a.Reason)
+	}
+	return fmt.Sprintf("%s writes under %s", a.Name(), describeKey(a.KeyIDHash, a.KeyID))
 }
 
 // Converged reports whether every apiserver writes under target.
@@ -241,7 +262,9 @@ func (o *Observer) read(ctx context.Context, url string) Apiserver {
 		a.KeyIDHash, a.Basis = "", ""
 	}
 	o.mu.Lock()
-	a.KeyID = o.KeyIDs[a.KeyIDHash]
+	if id, ok := o.KeyIDs[a.KeyIDHash]; ok {
+		a.KeyID = id
+	}
 	o.mu.Unlock()
 	return a
 }
@@ -267,6 +290,15 @@ func judgeApiserver(a *Apiserver, m *Metrics, kmsHealthy bool, provider string) 
 		a.LastWrite = &w
 	}
 	switch {
+	case st.Hash == StoppedKeyIDHash:
+		// Whatever it wrote since: its seed is no longer extended and
+		// expires; this is not a key it writes under.
+		previous := ""
+		if a.LastWrite != nil {
+			previous = a.LastWrite.Hash
+		}
+		a.KeyIDHash, a.KeyID, a.Basis, a.WritesStopped = st.Hash, StoppedKeyID, "status", true
+		a.Reason = describeStopped(previous)
 	case a.LastWrite != nil && a.LastWrite.Last.After(st.Last):
 		// The write seed only changes at a Status poll: a write after the
 		// last poll shows the seed in use.
@@ -373,7 +405,7 @@ func (o *Observer) judge(rep *Report, leasesKnown bool) {
 	}
 	first := rep.Apiservers[0]
 	for _, a := range rep.Apiservers {
-		if a.KeyIDHash == "" || a.KeyIDHash != first.KeyIDHash || a.Provider != first.Provider {
+		if a.KeyIDHash == "" || a.WritesStopped || a.KeyIDHash != first.KeyIDHash || a.Provider != first.Provider {
 			return
 		}
 	}

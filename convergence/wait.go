@@ -87,6 +87,8 @@ func (o *Observer) Wait(ctx context.Context, target Target, opts WaitOptions) (*
 			unsettled, keyID = err.Error(), res.KeyID
 		case err != nil:
 			return res, fmt.Errorf("the key_id to wait for: %w", err)
+		case keyID == StoppedKeyID: // a plugin that stopped writing names no key to wait for
+			unsettled, keyID = fmt.Sprintf("%s: the key_id to wait for is %s, which names no key", ErrUnsettled, StoppedKeyID), res.KeyID
 		}
 		want := ""
 		if keyID != "" {
@@ -103,7 +105,7 @@ func (o *Observer) Wait(ctx context.Context, target Target, opts WaitOptions) (*
 		}
 		res.Report, res.Waited = rep, o.now().Sub(start)
 		for _, a := range rep.Apiservers {
-			if _, seen := res.Times[a.Name()]; !seen && a.KeyIDHash != "" && (a.KeyIDHash == want || want == "") {
+			if _, seen := res.Times[a.Name()]; !seen && a.KeyIDHash != "" && !a.WritesStopped && (a.KeyIDHash == want || want == "") {
 				res.Times[a.Name()] = res.Waited
 			}
 		}
@@ -126,7 +128,9 @@ func (o *Observer) Wait(ctx context.Context, target Target, opts WaitOptions) (*
 				e.Laggards = rep.Laggards("")
 			}
 			if unsettled != "" {
-				e.Laggards = append([]string{unsettled}, e.Laggards...)
+				// The laggards are (also) plugins: name what each apiserver
+				// writes under as well.
+				e.Laggards = append([]string{unsettled}, rep.States()...)
 			}
 			return res, e
 		}

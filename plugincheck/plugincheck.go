@@ -16,6 +16,7 @@ import (
 	kmsservice "k8s.io/kms/pkg/service"
 
 	"github.com/kubekms/kubekms/envelope/kmsclient"
+	"github.com/kubekms/kubekms/hierarchy"
 	"github.com/kubekms/kubekms/plugin"
 )
 
@@ -45,7 +46,7 @@ func Check(ctx context.Context, endpoint string, timeout time.Duration, roundTri
 	problem := func(format string, args ...any) { rep.Problems = append(rep.Problems, fmt.Sprintf(format, args...)) }
 
 	start := time.Now()
-	st, err := c.Status(ctx)
+	st, err := c.StatusAnswer(ctx)
 	rep.StatusMillis = millis(time.Since(start))
 	if err != nil {
 		return nil, fmt.Errorf("status call: %w", err)
@@ -57,7 +58,11 @@ func Check(ctx context.Context, endpoint string, timeout time.Duration, roundTri
 	if st.Healthz != "ok" {
 		problem("healthz is %q, not \"ok\"", st.Healthz)
 	}
-	if st.KeyID == "" || len(st.KeyID) > 1024 {
+	switch {
+	case st.KeyID == hierarchy.StoppedKeyID:
+		problem("key_id is %s: writes stopped (kubekms refuses to seal: its key is revoked, or its key service unreachable past the outage grace; "+
+			"healthz says which); the apiservers refuse writes once their current seed expires", st.KeyID)
+	case st.KeyID == "" || len(st.KeyID) > 1024:
 		problem("key_id is %d bytes; the apiserver wants 1..1024", len(st.KeyID))
 	}
 	if !roundTrip || st.Healthz != "ok" {

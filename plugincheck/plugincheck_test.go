@@ -72,3 +72,25 @@ func TestCross(t *testing.T) {
 		}
 	}
 }
+
+// A kubekms whose key is revoked answers Status unhealthy with
+// kubekms.io/writes-stopped: Check reports that (a problem, not an error),
+// naming it as stopped writes.
+func TestCheckWritesStopped(t *testing.T) {
+	ctx := context.Background()
+	ring := filepath.Join(t.TempDir(), "ring.json")
+	if _, err := softkey.Create(ring); err != nil { // v1
+		t.Fatal(err)
+	}
+	if _, err := softkey.SetDisabled(ring, 1, true); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := plugincheck.Check(ctx, serve(t, ring), 0, true)
+	if err != nil {
+		t.Fatalf("Check of a revoked plugin: %v", err)
+	}
+	if rep.KeyID != hierarchy.StoppedKeyID || rep.Healthz == "ok" || rep.UID != "" ||
+		!strings.Contains(strings.Join(rep.Problems, "\n"), "writes stopped") {
+		t.Errorf("report %+v", rep)
+	}
+}

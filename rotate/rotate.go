@@ -210,7 +210,7 @@ func (r *run) pluginKeyIDs(ctx context.Context) (map[string]string, error) {
 		if err != nil {
 			return nil, err
 		}
-		st, err := c.Status(ctx)
+		st, err := c.StatusAnswer(ctx) // an unhealthy answer's key_id counts, as for the apiserver
 		c.Close()
 		if err != nil {
 			return nil, fmt.Errorf("plugin %s: Status: %w", ep, err)
@@ -264,10 +264,10 @@ func (r *run) preflight(ctx context.Context) error {
 		}
 		if live > 1 && !r.cfg.SharedKeyring {
 			return refuse("preflight: the cluster has %d apiservers, and a softkey keyring rotated on this node alone "+
-				"leaves the others unable to read what this node's plugin writes. Rotate a keyring held on several nodes by hand: "+
-				"kubekms softkey stage, export/import to every node (compare the fingerprints), promote on every node, then "+
-				"run kubekms rotate without --key-uri to converge, migrate and verify. Give --shared-keyring only if every "+
-				"plugin reads this very file", live)
+				"leaves the others unable to read what this node's plugin writes. Rotate a keyring held on several nodes in steps: "+
+				"kubekms softkey stage, export/import to every node (compare the fingerprints), then start kubekms rotate without "+
+				"--key-uri and, while it waits for the rotation, kubekms softkey promote on every node; it then converges, migrates "+
+				"and verifies. Give --shared-keyring only if every plugin reads this very file", live)
 		}
 		ring, err := softkey.Load(r.cfg.Keyring)
 		if err != nil {
@@ -351,13 +351,21 @@ func (r *run) rotate(ctx context.Context) error {
 	r.event(PhaseRotated, "waiting up to %s for the key service's rotation: rotate the remote key now (e.g. re-point the alias); the plugins report %s until they see it",
 		r.cfg.RotationTimeout, st.FromKeyID)
 	deadline := r.now().Add(r.cfg.RotationTimeout)
+	stopped := map[string]bool{} // plugins seen reporting writes stopped, said once each
 	for {
 		ids, err := r.pluginKeyIDs(ctx)
 		if err != nil {
 			r.log.Warn("waiting for the rotation", "error", err)
 		}
 		for _, ep := range slices.Sorted(maps.Keys(ids)) {
-			if id := ids[ep]; id != st.FromKeyID {
+			switch id := ids[ep]; {
+			case id == convergence.StoppedKeyID: // names no key: not the rotation
+				if !stopped[ep] {
+					stopped[ep] = true
+					r.event(PhaseRotated, "plugin %s reports %s (writes stopped: its key is revoked or its key service unreachable "+
+						"past the outage grace); that is no new key: still waiting", ep, convergence.StoppedKeyID)
+				}
+			case id != st.FromKeyID:
 				st.ToKeyID, st.Rotated = id, r.now()
 				r.event(PhaseRotated, "plugin %s sees the new key_id %s", ep, id)
 				return nil
@@ -401,6 +409,8 @@ func (r *run) waitPlugins(ctx context.Context) error {
 				if _, seen := st.PluginSeconds[ep]; !seen {
 					st.PluginSeconds[ep] = r.now().Sub(st.Rotated).Seconds()
 				}
+			case ok && id == convergence.StoppedKeyID:
+				lag = append(lag, ep+" (writes stopped: "+convergence.StoppedKeyID+")")
 			case ok && id != st.FromKeyID:
 				return fmt.Errorf("plugin %s reports %s, neither the old %s nor the new %s: another rotation happened meanwhile", ep, id, st.FromKeyID, st.ToKeyID)
 			default:

@@ -87,6 +87,9 @@ func pluginKeyIDs(ctx context.Context, endpoints []string, timeout time.Duration
 	out := map[string]string{}
 	for _, ep := range endpoints {
 		id, err := currentKeyID(ctx, ep, timeout)
+		if errors.Is(err, convergence.ErrWritesStopped) {
+			continue // the report names an apiserver whose plugin stopped writing
+		}
 		if err != nil {
 			return nil, fmt.Errorf("plugin %s: %w", ep, err)
 		}
@@ -100,7 +103,10 @@ func printClusterReport(w io.Writer, rep *convergence.Report) {
 	fmt.Fprintln(tw, "APISERVER\tHOSTNAME\tURL\tPROVIDER\tKEY_ID_HASH\tKEY_ID\tSINCE\tKMS CHECK")
 	for _, a := range rep.Apiservers {
 		kms := "ok"
-		if !a.KMSHealthy {
+		switch {
+		case a.WritesStopped:
+			kms = "failing (writes stopped)"
+		case !a.KMSHealthy:
 			kms = "failing"
 		}
 		since := "-"

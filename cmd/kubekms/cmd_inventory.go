@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/term"
 
+	"github.com/kubekms/kubekms/convergence"
 	"github.com/kubekms/kubekms/encconfig"
 	"github.com/kubekms/kubekms/envelope/kmsclient"
 	"github.com/kubekms/kubekms/inventory"
@@ -150,9 +151,18 @@ func currentKeyID(ctx context.Context, endpoint string, timeout time.Duration) (
 		return "", err
 	}
 	defer c.Close()
-	st, err := c.Status(ctx)
+	st, err := c.StatusAnswer(ctx)
 	if err != nil {
 		return "", err
+	}
+	// kubekms's key_id while it refuses to seal names no key (judging
+	// staleness by it would call every object stale): named as such, apart
+	// from other unhealthy answers.
+	if _, err := convergence.CheckPluginKeyID(endpoint, st.KeyID); err != nil {
+		return "", err
+	}
+	if err := kmsclient.CheckStatus(st); err != nil {
+		return "", fmt.Errorf("KMS plugin %s: Status: %w", endpoint, err)
 	}
 	return st.KeyID, nil
 }

@@ -63,23 +63,39 @@ func (c *Client) Close() error { return c.conn.Close() }
 // Status calls Status and checks the answer as the apiserver does: version
 // "v2" (or "v2beta1"), healthz "ok", a key_id of 1 to 1024 bytes.
 func (c *Client) Status(ctx context.Context) (*kmsservice.StatusResponse, error) {
+	st, err := c.StatusAnswer(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := CheckStatus(st); err != nil {
+		return nil, fmt.Errorf("KMS plugin %s: Status: %w", c.endpoint, err)
+	}
+	return st, nil
+}
+
+// CheckStatus checks a Status answer as the apiserver's KMS check does.
+func CheckStatus(st *kmsservice.StatusResponse) error {
+	var errs []error
+	if st.Version != "v2" && st.Version != "v2beta1" {
+		errs = append(errs, fmt.Errorf("version %q, want v2", st.Version))
+	}
+	if st.Healthz != "ok" {
+		errs = append(errs, fmt.Errorf("healthz %q (key_id %q), want ok", st.Healthz, st.KeyID))
+	}
+	if n := len(st.KeyID); n == 0 || n > 1024 {
+		errs = append(errs, fmt.Errorf("key_id of %d bytes, want 1 to 1024", n))
+	}
+	return errors.Join(errs...)
+}
+
+// StatusAnswer calls Status and returns the answer unchecked, healthy or
+// not: kube-apiserver takes the key_id of an unhealthy answer too (it
+// records it and rotates its write seed to it).
+func (c *Client) StatusAnswer(ctx context.Context) (*kmsservice.StatusResponse, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	resp, err := c.kms.Status(ctx, &kmsapi.StatusRequest{})
 	if err != nil {
-		return nil, fmt.Errorf("KMS plugin %s: Status: %w", c.endpoint, err)
-	}
-	var errs []error
-	if resp.Version != "v2" && resp.Version != "v2beta1" {
-		errs = append(errs, fmt.Errorf("version %q, want v2", resp.Version))
-	}
-	if resp.Healthz != "ok" {
-		errs = append(errs, fmt.Errorf("healthz %q, want ok", resp.Healthz))
-	}
-	if n := len(resp.KeyId); n == 0 || n > 1024 {
-		errs = append(errs, fmt.Errorf("key_id of %d bytes, want 1 to 1024", n))
-	}
-	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("KMS plugin %s: Status: %w", c.endpoint, err)
 	}
 	return &kmsservice.StatusResponse{Version: resp.Version, Healthz: resp.Healthz, KeyID: resp.KeyId}, nil
