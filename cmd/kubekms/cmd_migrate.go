@@ -27,7 +27,7 @@ type migrateFlags struct {
 	resources             []string
 	etcd                  etcdFlags
 	plugins               []string
-	keyID                 string
+	keyID, rotatedFrom    string
 	timeout               time.Duration
 	all, includePlaintext bool
 	qps                   float64
@@ -63,6 +63,12 @@ they do not converge in time, migrate refuses and names the laggards. --skip-con
 migrates without looking (for clusters whose apiserver metrics cannot be read: then wait for the
 rotation to reach every apiserver yourself).
 
+Right after a remote key's rotation the plugins may not have seen it yet (each sees it at its
+next probe of the key service): then every plugin and apiserver still agrees on the old key_id,
+nothing is stale yet, and migrate would end at once. Give --rotated-from OLD_KEY_ID (what kubekms
+status printed before) to wait until the plugins report another key_id, or use kubekms rotate,
+which waits for the rotation itself.
+
 --state-file makes a run resumable: every rewritten object is recorded, and a rerun with the
 same file skips them. --limit migrates in batches. --qps and --concurrency bound the load.
 
@@ -84,6 +90,7 @@ apiservers did not converge, 1 on errors or objects that failed.`,
 	fl.IntVar(&f.etcd.pageSize, "page-size", snapshot.DefaultPageSize, "keys per range read on etcd")
 	addPluginFlag(cmd, &f.plugins, nil, "KMS v2 plugin endpoint(s) (unix:///path.sock) whose Status gives the current key_id; several must agree")
 	fl.StringVar(&f.keyID, "current-key-id", "", "the current key_id, instead of asking --plugin")
+	fl.StringVar(&f.rotatedFrom, "rotated-from", "", "the key_id just rotated away from: wait until the --plugin endpoints report another one (right after a rotation they may not have seen it yet)")
 	fl.DurationVar(&f.timeout, "timeout", kmsclient.DefaultTimeout, "per-call timeout for the plugin")
 	fl.BoolVar(&f.all, "all", false, "list and rewrite every object through the API instead of finding stale ones in etcd")
 	fl.BoolVar(&f.includePlaintext, "include-plaintext", false, "also rewrite unencrypted objects (after encryption was enabled for a resource)")
@@ -104,6 +111,8 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 		return errors.New("give --etcd-endpoints (to find the stale objects in etcd) or --all (to rewrite every object through the API)")
 	case len(f.plugins) > 0 && f.keyID != "":
 		return errors.New("give at most one of --plugin and --current-key-id")
+	case f.rotatedFrom != "" && len(f.plugins) == 0:
+		return errors.New("--rotated-from needs --plugin (the plugins tell when they see the new key)")
 	case f.qps < 0:
 		return fmt.Errorf("--qps %v: want >= 0", f.qps)
 	case f.concurrency < 1:
@@ -126,7 +135,7 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 	if len(f.plugins) > 0 {
 		// Plugins that disagree (a rotation reaching them one after another)
 		// are waited for below, with the apiservers.
-		keyID, err = pluginsKeyID(ctx, f.plugins, f.timeout)
+		keyID, err = pluginsKeyID(ctx, f.plugins, f.timeout, f.rotatedFrom)
 		if err != nil && (f.skipConvergence || !errors.Is(err, convergence.ErrUnsettled)) {
 			return fmt.Errorf("current key_id: %w", err)
 		}
@@ -139,7 +148,7 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 	if f.skipConvergence {
 		fmt.Fprintln(out, "Convergence not checked (--skip-convergence-check): the apiservers may still write under an older key_id.")
 	} else {
-		if keyID, err = waitConvergence(cmd, &f.cluster, cfg, f.plugins, keyID, f.timeout, f.convergenceTimeout); err != nil {
+		if keyID, err = waitConvergence(cmd, &f.cluster, cfg, f.plugins, f.rotatedFrom, keyID, f.timeout, f.convergenceTimeout); err != nil {
 			return err
 		}
 	}
@@ -164,6 +173,10 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 		return err
 	}
 	printPlan(out, plan, keyID)
+	if plan.FromEtcd && len(plan.Targets) == 0 && f.rotatedFrom == "" && !f.includePlaintext {
+		fmt.Fprintf(out, "Note: nothing is stale under %s. If you have just rotated the key, the plugins may not report the new one yet: "+
+			"rerun with --rotated-from %s (or use kubekms rotate).\n", keyID, keyID)
+	}
 	if f.dryRun {
 		for _, t := range plan.Targets {
 			fmt.Fprintln(out, "would rewrite", t.Key())
@@ -221,9 +234,9 @@ func runMigrate(cmd *cobra.Command, f *migrateFlags) error {
 }
 
 // waitConvergence waits until every apiserver writes under the key_id the
-// plugin reports (asked every round), or keyID, or any agreed key_id; it
-// returns the key_id converged on.
-func waitConvergence(cmd *cobra.Command, cf *clusterFlags, cfg *rest.Config, plugins []string, keyID string, callTimeout, bound time.Duration) (string, error) {
+// plugins report (asked every round; not rotatedFrom), or keyID, or any
+// agreed key_id; it returns the key_id converged on.
+func waitConvergence(cmd *cobra.Command, cf *clusterFlags, cfg *rest.Config, plugins []string, rotatedFrom, keyID string, callTimeout, bound time.Duration) (string, error) {
 	ctx, out := cmd.Context(), cmd.OutOrStdout()
 	o, err := cf.observer(cfg)
 	if err != nil {
@@ -231,7 +244,7 @@ func waitConvergence(cmd *cobra.Command, cf *clusterFlags, cfg *rest.Config, plu
 	}
 	target := convergence.Fixed(keyID)
 	if len(plugins) > 0 {
-		target = func(ctx context.Context) (string, error) { return pluginsKeyID(ctx, plugins, callTimeout) }
+		target = func(ctx context.Context) (string, error) { return pluginsKeyID(ctx, plugins, callTimeout, rotatedFrom) }
 	}
 	progress, finish := waitProgress(cmd, "apiservers writing under the key_id")
 	conv, err := o.Wait(ctx, target, convergence.WaitOptions{Timeout: bound, Progress: progress})
@@ -249,12 +262,17 @@ func waitConvergence(cmd *cobra.Command, cf *clusterFlags, cfg *rest.Config, plu
 }
 
 // pluginsKeyID is the key_id the plugins agree on; when they disagree (a
-// rotation reaches them one after another) the error wraps
-// convergence.ErrUnsettled.
-func pluginsKeyID(ctx context.Context, plugins []string, timeout time.Duration) (string, error) {
+// rotation reaches them one after another), agree on rotatedFrom (the
+// rotation has not reached them yet) or one stopped writing, the error
+// wraps convergence.ErrUnsettled.
+func pluginsKeyID(ctx context.Context, plugins []string, timeout time.Duration, rotatedFrom string) (string, error) {
 	var first string
 	for i, ep := range plugins {
 		id, err := currentKeyID(ctx, ep, timeout)
+		if errors.Is(err, convergence.ErrWritesStopped) {
+			// It may recover (an outage): wait for it, and say why.
+			return "", fmt.Errorf("%w: %w", convergence.ErrUnsettled, err)
+		}
 		if err != nil {
 			return "", fmt.Errorf("plugin %s: %w", ep, err)
 		}
@@ -263,6 +281,10 @@ func pluginsKeyID(ctx context.Context, plugins []string, timeout time.Duration) 
 		} else if id != first {
 			return "", fmt.Errorf("%w: plugin %s reports %s, plugin %s reports %s", convergence.ErrUnsettled, plugins[0], first, ep, id)
 		}
+	}
+	if rotatedFrom != "" && first == rotatedFrom {
+		return "", fmt.Errorf("%w: the plugins still report %s, the key_id rotated from (--rotated-from): each sees the new key at its next probe of the key service",
+			convergence.ErrUnsettled, first)
 	}
 	return first, nil
 }

@@ -61,8 +61,9 @@ are printed and kept in the state file. Progress bars on a terminal; -o json pri
 object per step and a final one with the whole state.
 
 A softkey keyring held by several nodes cannot be rotated from one: with more than one apiserver
---key-uri is refused unless --shared-keyring (every plugin reads that very file); see
-kubekms softkey stage/export/import/promote.
+--key-uri is refused unless --shared-keyring (every plugin reads that very file). Rotate it in
+steps: kubekms softkey stage, export/import to every node, then run kubekms rotate without
+--key-uri and, while it waits for the rotation, kubekms softkey promote on every node.
 
 Exit code 0 when done, 2 when refused or not converged in time (rerun later), 1 on errors.`,
 		Args: cobra.NoArgs,

@@ -128,8 +128,9 @@ not the one the exporting node printed.`,
 		Short: "Add a key version that is not yet primary (step 1 of a rotation on several nodes)",
 		Long: `Adds a key version without making it primary: nothing is wrapped under it yet. The rotation of a
 keyring shared by several control-plane nodes: stage on one node, export/import it to every node
-(compare the fingerprints), then promote it on every node. While the nodes are promoted one after
-another each can read what the others write, because all hold the new version already.`,
+(compare the fingerprints), start kubekms rotate (without --key-uri: it waits for the rotation,
+then converges, migrates and verifies), and promote it on every node. While the nodes are promoted
+one after another each can read what the others write, because all hold the new version already.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			p, err := path()

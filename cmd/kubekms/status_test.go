@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"google.golang.org/grpc"
 	kmsapi "k8s.io/kms/apis/v2"
 
+	"github.com/kubekms/kubekms/convergence"
 	"github.com/kubekms/kubekms/hierarchy"
 	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/keyservice/softkey"
@@ -37,8 +39,10 @@ func serveOn(t *testing.T, register func(*grpc.Server)) string {
 	return endpoint
 }
 
-func TestStatusOfKubekms(t *testing.T) {
-	svc, err := softkey.Open(context.Background(), "softkey://"+filepath.Join(t.TempDir(), "k.json"), keyservice.Options{})
+// serveKubekms serves kubekms's v2 plugin over the softkey keyring at ring.
+func serveKubekms(t *testing.T, ring string) string {
+	t.Helper()
+	svc, err := softkey.Open(context.Background(), "softkey://"+ring, keyservice.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,8 +50,12 @@ func TestStatusOfKubekms(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer h.Close()
-	endpoint := serveOn(t, func(s *grpc.Server) { kmsapi.RegisterKeyManagementServiceServer(s, plugin.NewV2(h, plugin.Options{})) })
+	t.Cleanup(h.Close)
+	return serveOn(t, func(s *grpc.Server) { kmsapi.RegisterKeyManagementServiceServer(s, plugin.NewV2(h, plugin.Options{})) })
+}
+
+func TestStatusOfKubekms(t *testing.T) {
+	endpoint := serveKubekms(t, filepath.Join(t.TempDir(), "k.json"))
 	rep, err := plugincheck.Check(context.Background(), endpoint, 3*time.Second, true)
 	if err != nil {
 		t.Fatal(err)
@@ -100,5 +108,43 @@ func TestStatusUnreachable(t *testing.T) {
 	_, err := plugincheck.Check(context.Background(), "unix:///nonexistent/kubekms.sock", 300*time.Millisecond, true)
 	if err == nil || exitCode(err) != 1 {
 		t.Fatalf("unreachable plugin: %v", err)
+	}
+}
+
+// A kubekms whose key is revoked reports kubekms.io/writes-stopped: the
+// tools that need the current key_id (inventory, migrate) say so instead
+// of taking it for a key; migrate waits on it as unsettled.
+func TestCurrentKeyIDWritesStopped(t *testing.T) {
+	ring := filepath.Join(t.TempDir(), "k.json")
+	if _, err := softkey.Create(ring); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := softkey.SetDisabled(ring, 1, true); err != nil {
+		t.Fatal(err)
+	}
+	endpoint := serveKubekms(t, ring)
+	id, err := currentKeyID(context.Background(), endpoint, 3*time.Second)
+	if !errors.Is(err, convergence.ErrWritesStopped) || id != "" || !strings.Contains(err.Error(), hierarchy.StoppedKeyID) {
+		t.Errorf("currentKeyID = %q, %v", id, err)
+	}
+	if _, err := pluginsKeyID(context.Background(), []string{endpoint}, 3*time.Second, ""); !errors.Is(err, convergence.ErrUnsettled) {
+		t.Errorf("pluginsKeyID: %v, want unsettled", err)
+	}
+}
+
+// --rotated-from: plugins that still report the key_id rotated from are
+// not settled (migrate waits), another key_id is.
+func TestPluginsKeyIDRotatedFrom(t *testing.T) {
+	endpoint := serveKubekms(t, filepath.Join(t.TempDir(), "k.json"))
+	ctx := context.Background()
+	id, err := pluginsKeyID(ctx, []string{endpoint, endpoint}, 3*time.Second, "")
+	if err != nil || id == "" {
+		t.Fatalf("pluginsKeyID = %q, %v", id, err)
+	}
+	if got, err := pluginsKeyID(ctx, []string{endpoint}, 3*time.Second, id); !errors.Is(err, convergence.ErrUnsettled) || got != "" {
+		t.Errorf("still on the key rotated from: %q, %v", got, err)
+	}
+	if got, err := pluginsKeyID(ctx, []string{endpoint}, 3*time.Second, "softkey:older:v0"); err != nil || got != id {
+		t.Errorf("rotated from another key: %q, %v", got, err)
 	}
 }

@@ -372,30 +372,49 @@ func testHARotationThenMigrate(ctx context.Context, t *testing.T, b binaries, h 
 		defer close(measured)
 		plugins, apis, newKeyID, measureErr = h.measureRotation(ctx, since, oldKeyID)
 	}()
+	var lagging []string // plugins still on the old key when the first saw the new one
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
 		ids, err := h.keyIDs(ctx)
 		if err == nil && slices.ContainsFunc(ids, func(id string) bool { return id != oldKeyID }) {
+			for i, id := range ids {
+				if id == oldKeyID {
+					lagging = append(lagging, h.plugins[i].Endpoint())
+				}
+			}
 			break
 		}
 		if time.Now().After(deadline) {
 			t.Fatal("no plugin saw the re-pointed alias within a minute")
 		}
 	}
-	args := append(append([]string{"migrate"}, h.common()...), "--resources", "secrets,configmaps",
-		"--etcd-endpoints", strings.Join(h.etcd.Endpoints, ","), "--plugin", h.pluginEndpoints(), "--convergence-timeout", "3m")
+	base := append(append([]string{"migrate"}, h.common()...), "--resources", "secrets,configmaps", "--etcd-endpoints", strings.Join(h.etcd.Endpoints, ","))
+
+	// With a bound too short for the rotation to reach every node: a
+	// refusal naming the laggards, nothing rewritten.
+	out, code := migRunCLI(ctx, t, b.kubekms, append(slices.Clone(base), "--plugin", h.pluginEndpoints(), "--convergence-timeout", "1s")...)
+	t.Logf("kubekms migrate --convergence-timeout 1s right after the first plugin saw the rotation: exit %d\n%s", code, out)
+	if code != 0 && (code != 2 || !strings.Contains(out, "refusing to migrate") || !strings.Contains(out, "apiserver-") || strings.Contains(out, "Rewritten")) {
+		t.Fatalf("want exit 2, a refusal naming the laggards and nothing rewritten")
+	}
+
+	// Asked through a plugin that still reports the old key (the trial's
+	// "0 stale" with exit 0: then the plugin and every apiserver agree on
+	// the old key, and nothing is stale under it yet), migrate says so and
+	// names --rotated-from; with it, it waits until that plugin and every
+	// apiserver use the new key, then migrates to it.
+	asked := h.pluginEndpoints()
+	if len(lagging) > 0 {
+		asked = lagging[0]
+		out, code = migRunCLI(ctx, t, b.kubekms, append(slices.Clone(base), "--plugin", asked, "--dry-run", "--skip-convergence-check")...)
+		t.Logf("kubekms migrate --dry-run through a plugin still on the old key: exit %d\n%s", code, out)
+		if code != 0 || (strings.Contains(out, "Planned 0 stale") && !strings.Contains(out, "--rotated-from "+oldKeyID)) {
+			t.Errorf("0 stale under the old key without the note naming --rotated-from")
+		}
+	}
 	startMigrate := time.Now()
-	out, code := migRunCLI(ctx, t, b.kubekms, args...)
-	t.Logf("kubekms migrate right after the first plugin saw the rotation: exit %d after %s\n%s", code, time.Since(startMigrate).Round(time.Second), out)
-	switch code {
-	case 0:
-	case 2:
-		if !strings.Contains(out, "refusing to migrate") {
-			t.Fatalf("exit 2 without a refusal naming the laggards")
-		}
-		if out, code = migRunCLI(ctx, t, b.kubekms, args...); code != 0 {
-			t.Fatalf("rerun after the refusal: exit %d\n%s", code, out)
-		}
-	default:
+	out, code = migRunCLI(ctx, t, b.kubekms, append(slices.Clone(base), "--plugin", asked, "--rotated-from", oldKeyID, "--convergence-timeout", "3m")...)
+	t.Logf("kubekms migrate --plugin %s (%d plugin(s) lagged): exit %d after %s\n%s", asked, len(lagging), code, time.Since(startMigrate).Round(time.Second), out)
+	if code != 0 {
 		t.Fatalf("migrate exit %d", code)
 	}
 	<-measured
@@ -555,6 +574,20 @@ func testHASecondRotationRefused(ctx context.Context, t *testing.T, b binaries, 
 	_, _, errText, code := rotateRun(ctx, t, b.kubekms, args, nil)
 	if code != 2 || !strings.Contains(errText, "still stale") || !strings.Contains(errText, "--force") {
 		t.Fatalf("a rotation with stale objects: exit %d\n%s", code, errText)
+	}
+	// --force goes past the stale objects (and then waits for a rotation
+	// that does not come, bounded here).
+	forced := append(slices.Clone(args[:len(args)-2]), "--state-file", filepath.Join(t.TempDir(), "forced.json"), "--force", "--rotation-timeout", "2s")
+	events, st, errText, code := rotateRun(ctx, t, b.kubekms, forced, nil)
+	if code != 2 || st == nil || st.Phase != rotate.PhasePreflight || st.Stale == 0 || len(events) == 0 ||
+		!strings.Contains(events[0].Message, "preflight ok") || !strings.Contains(errText, "no plugin saw a new key_id") {
+		t.Fatalf("a forced rotation with stale objects: exit %d, state %+v\n%s", code, st, errText)
+	}
+	// A softkey keyring rotated from one node of three: refused before
+	// anything changes (the path is never read).
+	perNode := append(slices.Clone(args), "--key-uri", "softkey://"+filepath.Join(t.TempDir(), "keyring.json"))
+	if _, _, errText, code = rotateRun(ctx, t, b.kubekms, perNode, nil); code != 2 || !strings.Contains(errText, "the cluster has 3 apiservers") {
+		t.Fatalf("a per-node softkey rotation on three apiservers: exit %d\n%s", code, errText)
 	}
 	margs := append([]string{"migrate"}, append(h.common(), "--resources", "secrets,configmaps", "--etcd-endpoints", strings.Join(h.etcd.Endpoints, ","),
 		"--plugin", h.pluginEndpoints())...)
