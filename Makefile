@@ -49,8 +49,8 @@ lint:
 	$(GO) vet -tags e2e ./test/e2e/...
 	$(GO) run $(STATICCHECK) -tags e2e ./test/e2e/...
 
-# The HA suite (three apiservers, three plugins, local-kms) and the recovery test: make e2e-ha.
-E2E_HA_TESTS := TestHA|TestRecoveryEncryptionConfig
+# The HA suite (three apiservers, three plugins, local-kms), the one-node softkey rotation and the recovery test: make e2e-ha.
+E2E_HA_TESTS := TestHA|TestRecoveryEncryptionConfig|TestRotateSoftkeyOneNode
 
 ## e2e: the real-cluster suite (kube-apiserver + etcd built from the Go module proxy; ~20 min the first time).
 ## E2E_RUN / E2E_SKIP select tests (go test -run / -skip); independent clusters run in parallel.
@@ -72,9 +72,9 @@ e2e-vault: deps
 	$(MAKE) e2e E2E_RUN=TestVault
 
 ## e2e-ha: a control plane of three (3-member etcd, 3 kube-apiservers, 3 plugins on one AWS KMS key in
-## local-kms): rotation and migration per node, guided rotation, kills under load; and recovery with
-## the apiserver's EncryptionConfiguration from a real etcd snapshot. ~4 min; needs root (network and
-## UTS namespaces).
+## local-kms): rotation and migration per node, guided rotation, kills under load; a guided softkey
+## rotation on one node; and recovery with the apiserver's EncryptionConfiguration from a real etcd
+## snapshot. ~3 min once the binaries exist; needs root (network and UTS namespaces).
 e2e-ha:
 	hack/install-local-kms.sh
 	$(MAKE) e2e E2E_RUN='$(E2E_HA_TESTS)'
