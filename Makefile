@@ -74,7 +74,7 @@ e2e-vault: deps
 ## e2e-ha: a control plane of three (3-member etcd, 3 kube-apiservers, 3 plugins on one AWS KMS key in
 ## local-kms): rotation and migration per node, guided rotation, kills under load; a guided softkey
 ## rotation on one node; and recovery with the apiserver's EncryptionConfiguration from a real etcd
-## snapshot. ~3 min once the binaries exist; needs root (network and UTS namespaces).
+## snapshot. 3-4.5 min once the binaries exist (2 shared cores); needs root (network and UTS namespaces).
 e2e-ha:
 	hack/install-local-kms.sh
 	$(MAKE) e2e E2E_RUN='$(E2E_HA_TESTS)'
