@@ -279,10 +279,27 @@ func (s *Server) Stop(t testing.TB) {
 
 // Pause stops local-kms with SIGSTOP: connections stay open and every call
 // hangs, as with a key service that stopped answering. Resume continues it.
-func (s *Server) Pause(t testing.TB) { s.signal(t, syscall.SIGSTOP) }
+func (s *Server) Pause(t testing.TB) {
+	t.Helper()
+	pid := s.pid(t)
+	if err := testutil.StopGroup(pid, 10*time.Second); err != nil {
+		t.Fatalf("pause local-kms: %v", err)
+	}
+}
 
 // Resume continues a paused local-kms (SIGCONT).
 func (s *Server) Resume(t testing.TB) { s.signal(t, syscall.SIGCONT) }
+
+// pid is the running server's process group.
+func (s *Server) pid(t testing.TB) int {
+	t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc == nil {
+		t.Fatal("local-kms is not running")
+	}
+	return s.proc.Process.Pid
+}
 
 func (s *Server) signal(t testing.TB, sig syscall.Signal) {
 	t.Helper()

@@ -286,10 +286,27 @@ func (s *Server) Start(t testing.TB) {
 
 // Pause stops the process with SIGSTOP: connections are accepted by the
 // kernel but never answered. Resume undoes it.
-func (s *Server) Pause(t testing.TB) { s.signal(t, syscall.SIGSTOP) }
+func (s *Server) Pause(t testing.TB) {
+	t.Helper()
+	pid := s.pid(t)
+	if err := testutil.StopGroup(pid, 10*time.Second); err != nil {
+		t.Fatalf("pause vault server: %v", err)
+	}
+}
 
 // Resume continues a paused server (SIGCONT).
 func (s *Server) Resume(t testing.TB) { s.signal(t, syscall.SIGCONT) }
+
+// pid is the running server's process group.
+func (s *Server) pid(t testing.TB) int {
+	t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc == nil {
+		t.Fatal("vault server is not running")
+	}
+	return s.proc.Process.Pid
+}
 
 func (s *Server) signal(t testing.TB, sig syscall.Signal) {
 	t.Helper()
