@@ -127,16 +127,19 @@ func (f FileState) Load(context.Context) (*State, error) {
 	return &s, nil
 }
 
-// Save writes the file atomically.
+// Save writes the file atomically and durably: a temp file (0600), fsynced,
+// renamed over the old one, then the folder fsynced, so a power loss leaves
+// the old state or the new one, never an empty file or none.
 func (f FileState) Save(_ context.Context, s State) error {
 	data, err := json.Marshal(s)
 	if err != nil {
 		return fmt.Errorf("encode local KEK state: %w", err)
 	}
-	if err := os.MkdirAll(filepath.Dir(f.Path), 0o700); err != nil {
+	dir := filepath.Dir(f.Path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create state folder: %w", err)
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(f.Path), "."+filepath.Base(f.Path)+".tmp-*")
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(f.Path)+".tmp-*")
 	if err != nil {
 		return fmt.Errorf("write local KEK state: %w", err)
 	}
@@ -145,11 +148,23 @@ func (f FileState) Save(_ context.Context, s State) error {
 		tmp.Close()
 		return fmt.Errorf("write local KEK state: %w", err)
 	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("sync local KEK state: %w", err)
+	}
 	if err := tmp.Close(); err != nil {
 		return fmt.Errorf("write local KEK state: %w", err)
 	}
 	if err := os.Rename(tmp.Name(), f.Path); err != nil {
 		return fmt.Errorf("replace local KEK state: %w", err)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync state folder: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync state folder: %w", err)
 	}
 	return nil
 }

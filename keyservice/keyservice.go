@@ -45,6 +45,25 @@ type Options struct {
 	// KeyIDSuffix is appended to the key ID by backends whose key versions
 	// are invisible (AWS KMS), so an operator can force a new key ID.
 	KeyIDSuffix string
+	// PriorKeyID is the key ID this plugin last used, from its saved state
+	// ("" when there is none): proof that its key existed. A backend that
+	// creates its key on first use (softkey) refuses to create a new one, or
+	// to use another, when PriorKeyID names a key that is missing.
+	PriorKeyID string
+	// PriorKeyIDFrom says where PriorKeyID came from (the state file), for
+	// messages.
+	PriorKeyIDFrom string
+	// NewKey lets such a backend start a new key although PriorKeyID names
+	// another: the operator's explicit choice (serve --new-keyring).
+	NewKey bool
+}
+
+// PriorKeyIDSource names where PriorKeyID came from.
+func (o Options) PriorKeyIDSource() string {
+	if o.PriorKeyIDFrom != "" {
+		return "the state file " + o.PriorKeyIDFrom
+	}
+	return "the saved state"
 }
 
 // LoggerOrDiscard returns o.Logger or a logger that discards.

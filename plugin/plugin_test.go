@@ -347,10 +347,17 @@ func TestSocket(t *testing.T) {
 	if _, err := plugin.Listen("unix://"+path, plugin.SocketOptions{}); err == nil || !strings.Contains(err.Error(), "another process") {
 		t.Fatalf("second Listen on a live socket: %v", err)
 	}
-	// A stale socket (nothing answers) is replaced.
-	ul := l.(*net.UnixListener)
-	ul.SetUnlinkOnClose(false)
 	l.Close()
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("socket file left after Close: %v", err)
+	}
+	// A stale socket (its process died: nothing answers) is replaced.
+	stale, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale.SetUnlinkOnClose(false)
+	stale.Close()
 	l2, err := plugin.Listen("unix://"+path, plugin.SocketOptions{Mode: 0o660})
 	if err != nil {
 		t.Fatalf("Listen over a stale socket: %v", err)
@@ -393,5 +400,74 @@ func TestSocket(t *testing.T) {
 	l4.Close()
 	if _, err := plugin.Listen("tcp://127.0.0.1:1", plugin.SocketOptions{}); err == nil {
 		t.Fatal("a tcp endpoint was accepted")
+	}
+}
+
+// Closing a listener removes its socket file only if the path still names
+// it: an older instance's shutdown leaves a newer instance's socket alone.
+func TestSocketCloseRemovesOnlyItsOwn(t *testing.T) {
+	dir, err := os.MkdirTemp("", "kk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	path := filepath.Join(dir, "kms.sock")
+	old, err := plugin.Listen("unix://"+path, plugin.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(path); err != nil { // tmpfiles clean-up, or an operator
+		t.Fatal(err)
+	}
+	newer, err := plugin.Listen("unix://"+path, plugin.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old.Close()
+	if st, err := os.Lstat(path); err != nil || st.Mode().Type() != os.ModeSocket {
+		t.Fatalf("the older listener's Close removed the newer socket: %v", err)
+	}
+	newer.Close()
+	if _, err := os.Lstat(path); !os.IsNotExist(err) {
+		t.Fatalf("socket left after its own listener closed: %v", err)
+	}
+}
+
+// Requests that are not valid protobuf (or whose strings are not UTF-8) are
+// InvalidArgument, logged like any call; the plugin goes on serving.
+func TestUndecodableRequests(t *testing.T) {
+	e := newEnv(t)
+	conn, err := grpc.NewClient("unix://"+e.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	for _, tc := range []struct {
+		name, method string
+		body         []byte
+		msg          string
+	}{
+		{"v2 decrypt garbage", "/v2.KeyManagementService/Decrypt", []byte{0xff, 0xff, 0xff}, "not a valid DecryptRequest"},
+		{"v2 decrypt uid not UTF-8", "/v2.KeyManagementService/Decrypt", []byte{0x12, 2, 0xff, 0xfe}, "invalid UTF-8"},
+		{"v2 decrypt key_id not UTF-8", "/v2.KeyManagementService/Decrypt", []byte{0x1a, 1, 0xc0}, "invalid UTF-8"},
+		{"v2 encrypt truncated field", "/v2.KeyManagementService/Encrypt", []byte{0x0a, 30, 1, 2}, "not a valid EncryptRequest"},
+		{"v2 status garbage", "/v2.KeyManagementService/Status", []byte{0x0f}, "not a valid StatusRequest"},
+		{"v1 decrypt garbage", "/v1beta1.KeyManagementService/Decrypt", []byte{0xff}, "not a valid DecryptRequest"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out []byte
+			err := conn.Invoke(ctx(t), tc.method, &tc.body, &out, grpc.ForceCodecV2(testutil.RawCodec{}))
+			st, _ := status.FromError(err)
+			if st.Code() != codes.InvalidArgument || !strings.Contains(st.Message(), tc.msg) {
+				t.Fatalf("%s: %v; want InvalidArgument saying %q", tc.method, err, tc.msg)
+			}
+		})
+	}
+	if logs := e.logs.String(); !strings.Contains(logs, `"outcome":"InvalidArgument"`) || !strings.Contains(logs, "not a valid DecryptRequest") {
+		t.Fatalf("undecodable requests were not logged: %s", logs)
+	}
+	good := e.encrypt(t)
+	if _, err := e.v2.Decrypt(ctx(t), &kmsapi.DecryptRequest{Ciphertext: good.Ciphertext, KeyId: good.KeyId, Annotations: good.Annotations}); err != nil {
+		t.Fatalf("good Decrypt after undecodable requests: %v", err)
 	}
 }

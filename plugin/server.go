@@ -21,11 +21,16 @@ const MaxRequestBytes = 64 * 1024
 const DefaultCallTimeout = 30 * time.Second
 
 // NewGRPCServer returns a gRPC server with the v2 and v1beta1 services on h.
+// A request that is not a valid protobuf message is InvalidArgument, logged
+// and counted (see requestCodec).
 func NewGRPCServer(h *hierarchy.Hierarchy, opts Options) *grpc.Server {
+	opts.defaults()
+	codec := newRequestCodec()
 	s := grpc.NewServer(
 		grpc.MaxRecvMsgSize(MaxRequestBytes),
 		grpc.MaxConcurrentStreams(1024),
-		grpc.UnaryInterceptor(deadlineInterceptor),
+		grpc.ForceServerCodecV2(codec),
+		grpc.ChainUnaryInterceptor(codec.decodeInterceptor(opts), deadlineInterceptor),
 	)
 	kmsapi.RegisterKeyManagementServiceServer(s, NewV2(h, opts))
 	kmsv1.RegisterKeyManagementServiceServer(s, NewV1(h, opts))

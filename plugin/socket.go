@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -27,9 +28,21 @@ type SocketOptions struct {
 	AllowInsecureDir bool
 }
 
+// CheckEndpoint checks a listen endpoint (unix:///path or unix:///@abstract)
+// without creating anything.
+func CheckEndpoint(endpoint string) error {
+	if _, err := util.ParseEndpoint(endpoint); err != nil {
+		return fmt.Errorf("endpoint %q: %w", endpoint, err)
+	}
+	return nil
+}
+
 // Listen creates the unix socket that endpoint names (unix:///path or
 // unix:///@abstract). A stale socket file is removed only if it is a socket
-// and nothing answers on it. Closing the listener removes the socket file.
+// and nothing answers on it. Closing the listener removes the socket file
+// only if it is still the one this listener created (same device and inode):
+// a newer instance's socket on the same path survives an older instance's
+// shutdown.
 func Listen(endpoint string, opts SocketOptions) (net.Listener, error) {
 	addr, err := util.ParseEndpoint(endpoint)
 	if err != nil {
@@ -59,8 +72,17 @@ func Listen(endpoint string, opts SocketOptions) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", addr, err)
 	}
-	if err := os.Chmod(addr, opts.Mode); err != nil {
+	ul := l.(*net.UnixListener)
+	ul.SetUnlinkOnClose(false)
+	st, err := os.Lstat(addr)
+	if err != nil {
 		l.Close()
+		return nil, fmt.Errorf("socket: %w", err)
+	}
+	own := &ownedSocket{UnixListener: ul, path: addr, st: st}
+	l = own
+	if err := os.Chmod(addr, opts.Mode); err != nil {
+		own.Close()
 		return nil, fmt.Errorf("chmod socket: %w", err)
 	}
 	if opts.Group != "" {
@@ -69,11 +91,35 @@ func Listen(endpoint string, opts SocketOptions) (net.Listener, error) {
 			err = os.Chown(addr, -1, gid)
 		}
 		if err != nil {
-			l.Close()
+			own.Close()
 			return nil, fmt.Errorf("socket group %q: %w", opts.Group, err)
 		}
 	}
 	return l, nil
+}
+
+// ownedSocket is a listener that, on Close, removes its socket file only if
+// the path still names the socket it bound.
+type ownedSocket struct {
+	*net.UnixListener
+	path string
+	st   os.FileInfo
+	once sync.Once
+	err  error
+}
+
+func (l *ownedSocket) Close() error {
+	l.once.Do(func() {
+		// Remove first, while this listener still answers: a new instance
+		// that finds it answering leaves the path alone.
+		if st, err := os.Lstat(l.path); err == nil && os.SameFile(st, l.st) {
+			if err := os.Remove(l.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+				l.err = fmt.Errorf("remove socket: %w", err)
+			}
+		}
+		l.err = errors.Join(l.err, l.UnixListener.Close())
+	})
+	return l.err
 }
 
 // prepareDir creates the socket's folder (0700) or checks an existing one.

@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"hash/maphash"
 	"os"
+	"runtime/debug"
+	"syscall"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -54,6 +56,7 @@ func init() {
 }
 
 type fileSource struct {
+	path string
 	db   *bolt.DB
 	tx   *bolt.Tx
 	live []entry
@@ -67,28 +70,75 @@ type entry struct {
 // OpenFile reads an etcd snapshot file (or a stopped member's member/snap/db)
 // and keeps the latest revision of every key under prefix, without deleted
 // keys. It reads the file sequentially once and copies no values.
-func OpenFile(ctx context.Context, path string, prefix []byte) (Source, error) {
-	if _, err := os.Stat(path); err != nil {
+//
+// Any file is safe to pass: one that is not a complete, sound etcd snapshot
+// (empty, truncated, still being copied, a FIFO or folder, garbage, a cycle
+// in its page tree) gives an error, never a crash or a hang (see checkFile).
+func OpenFile(ctx context.Context, path string, prefix []byte) (_ Source, err error) {
+	// O_NONBLOCK: opening a FIFO must not wait for a writer.
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
+	if err != nil {
 		return nil, fmt.Errorf("etcd snapshot: %w", err)
 	}
-	db, err := bolt.Open(path, 0o400, &bolt.Options{ReadOnly: true, Timeout: 2 * time.Second})
+	if err := checkFile(ctx, f, path); err != nil {
+		f.Close()
+		return nil, err
+	}
+	s := &fileSource{path: path}
+	defer func() {
+		if err != nil {
+			s.Close()
+		}
+	}()
+	defer s.recoverInto(&err, false)
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	// bbolt opens (and closes) the file checked above, so it cannot be swapped.
+	opened := false
+	db, err := bolt.Open(path, 0o400, &bolt.Options{ReadOnly: true, Timeout: 2 * time.Second,
+		OpenFile: func(string, int, os.FileMode) (*os.File, error) {
+			if opened {
+				return nil, errors.New("opened twice")
+			}
+			opened = true
+			return f, nil
+		}})
 	if err != nil {
+		if !opened {
+			f.Close()
+		}
 		if errors.Is(err, bolterrors.ErrTimeout) {
 			return nil, fmt.Errorf("etcd snapshot %s is locked (is an etcd server using it?): %w", path, err)
 		}
 		return nil, fmt.Errorf("open etcd snapshot %s: %w", path, err)
 	}
-	tx, err := db.Begin(false)
-	if err != nil {
-		db.Close()
+	s.db = db
+	if s.tx, err = db.Begin(false); err != nil {
 		return nil, fmt.Errorf("read etcd snapshot %s: %w", path, err)
 	}
-	s := &fileSource{db: db, tx: tx}
 	if err := s.load(ctx, path, prefix); err != nil {
-		s.Close()
 		return nil, err
 	}
 	return s, nil
+}
+
+// recoverInto turns a panic while bbolt reads the file (its assertions on a
+// damaged page, or a fault reading the mapping of a file that shrank) into
+// an error. With faultsOnly, other panics (bugs in a caller's callback) go
+// on.
+func (s *fileSource) recoverInto(err *error, faultsOnly bool) {
+	r := recover()
+	if r == nil {
+		return
+	}
+	_, fault := r.(interface{ Addr() uintptr })
+	if faultsOnly && !fault {
+		panic(r)
+	}
+	if fault {
+		*err = fmt.Errorf("etcd snapshot %s changed while being read (truncated or overwritten?): %v", s.path, r)
+		return
+	}
+	*err = fmt.Errorf("etcd snapshot %s is damaged: %v", s.path, r)
 }
 
 func (s *fileSource) load(ctx context.Context, path string, prefix []byte) error {
@@ -208,7 +258,11 @@ func parseKeyValue(b []byte) (key, value []byte, err error) {
 
 func (s *fileSource) Len() int { return len(s.live) }
 
-func (s *fileSource) Each(ctx context.Context, fn func(key, value []byte) error) error {
+// Each reads values from the file's mapping: a file truncated meanwhile is
+// an error, not a crash.
+func (s *fileSource) Each(ctx context.Context, fn func(key, value []byte) error) (err error) {
+	defer s.recoverInto(&err, true)
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	for i, e := range s.live {
 		if i%4096 == 0 {
 			if err := ctx.Err(); err != nil {

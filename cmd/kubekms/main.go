@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -17,12 +18,31 @@ var version = "dev"
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	err := newRootCmd().ExecuteContext(ctx)
+	go func() {
+		// The first SIGINT/SIGTERM cancels ctx (a graceful stop); after it
+		// the default action applies again, so a second one always ends
+		// the process.
+		<-ctx.Done()
+		stop()
+	}()
+	err := run(ctx)
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "kubekms:", err)
 		os.Exit(exitCode(err))
 	}
+}
+
+// run executes the command. A panic is a bug: it is reported with its stack
+// and exits 1, not Go's 2, which some commands use for a finding (stale
+// objects, objects that failed).
+func run(ctx context.Context) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("internal error (a bug, please report it): %v\n%s", r, debug.Stack())
+		}
+	}()
+	return newRootCmd().ExecuteContext(ctx)
 }
 
 func newRootCmd() *cobra.Command {

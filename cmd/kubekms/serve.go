@@ -37,6 +37,7 @@ type serveFlags struct {
 	logFormat, logLevel             string
 	shutdownGrace                   time.Duration
 	noState                         bool
+	newKeyring                      bool
 }
 
 func newServeCmd() *cobra.Command {
@@ -46,7 +47,8 @@ func newServeCmd() *cobra.Command {
 		Short: "Run the KMS v2 (and v1beta1) plugin on a unix socket",
 		Long: `Run the KMS plugin. Seeds from the apiserver are sealed with a local KEK (AES-256-GCM);
 the key service named by --key-uri wraps only the local KEK. The default key service is an
-embedded keyring file (softkey), created on first use.`,
+embedded keyring file (softkey), created on first use. Once the state file names a keyring,
+serve refuses to start without it (restore it, or pass --new-keyring to start a new one).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runServe(cmd.Context(), cmd, f) },
 	}
@@ -61,20 +63,24 @@ embedded keyring file (softkey), created on first use.`,
 	fl.BoolVar(&f.noState, "no-state", false, "keep no local KEK state across restarts")
 	fl.StringVar(&f.clusterName, "cluster-name", "", "cluster name, bound into wrapped keys where the key service supports it")
 	fl.StringVar(&f.keyIDSuffix, "key-id-suffix", "", "suffix for key IDs of key services with invisible rotation (AWS KMS)")
-	fl.Uint64Var(&f.hier.MaxUses, "max-uses", 1<<21, "seeds sealed by one local KEK before a new one is made")
-	fl.DurationVar(&f.hier.MaxAge, "max-age", 7*24*time.Hour, "age after which a new local KEK is made")
-	fl.IntVar(&f.hier.CacheSize, "cache-size", 1000, "unwrapped local KEKs kept in memory")
-	fl.DurationVar(&f.hier.ProbeInterval, "probe-interval", hierarchy.DefaultProbeInterval,
+	// Bounds: --max-uses at most 2^30 seals per local KEK (far below the 2^32
+	// random-nonce limit of AES-GCM); the rest must be positive.
+	uint64Var(fl, &f.hier.MaxUses, "max-uses", 1<<21, 1, 1<<30, "seeds sealed by one local KEK before a new one is made")
+	durationVar(fl, &f.hier.MaxAge, "max-age", 7*24*time.Hour, "age after which a new local KEK is made")
+	intVar(fl, &f.hier.CacheSize, "cache-size", 1000, 1, 1<<24, "unwrapped local KEKs kept in memory")
+	durationVar(fl, &f.hier.ProbeInterval, "probe-interval", hierarchy.DefaultProbeInterval,
 		"how often the key service is probed (a cheap key read, never an encrypt); kube-apiserver asks for Status about every 20 s")
-	fl.DurationVar(&f.hier.OutageGrace, "outage-grace", time.Hour, "how long to serve from cache while the key service is unreachable")
-	fl.DurationVar(&f.hier.RevocationBound, "revocation-bound", time.Minute, "longest time to drop local KEKs after the key is revoked")
-	fl.IntVar(&f.hier.MaxConcurrentRemote, "max-concurrent-remote", 16, "concurrent remote key-service calls")
+	durationVar(fl, &f.hier.OutageGrace, "outage-grace", time.Hour, "how long to serve from cache while the key service is unreachable")
+	durationVar(fl, &f.hier.RevocationBound, "revocation-bound", time.Minute, "longest time to drop local KEKs after the key is revoked")
+	intVar(fl, &f.hier.MaxConcurrentRemote, "max-concurrent-remote", 16, 1, 4096, "concurrent remote key-service calls")
+	fl.BoolVar(&f.newKeyring, "new-keyring", false, "softkey: start a NEW keyring although the state file names one that is missing "+
+		"(data under the old keyring becomes unreadable; restore the old keyring instead if you can)")
 	fl.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics and /healthz /livez /readyz on this address (\":9595\" means 127.0.0.1:9595); off when empty")
 	fl.StringVar(&f.otlpEndpoint, "otlp-endpoint", "", "export OpenTelemetry traces over OTLP/gRPC to host:port; off when empty")
 	fl.BoolVar(&f.otlpInsecure, "otlp-insecure", true, "send OTLP without TLS (for a collector on loopback)")
 	fl.StringVar(&f.logFormat, "log-format", "json", "log format: json or text")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
-	fl.DurationVar(&f.shutdownGrace, "shutdown-grace", 10*time.Second, "time for in-flight calls to finish on SIGTERM")
+	durationVar(fl, &f.shutdownGrace, "shutdown-grace", 10*time.Second, "time for in-flight calls to finish on SIGTERM")
 	return cmd
 }
 
@@ -87,11 +93,41 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 	if err != nil || mode > 0o777 {
 		return fmt.Errorf("--socket-mode %q: want an octal mode like 0600", f.socketMode)
 	}
+	if err := plugin.CheckEndpoint(f.listen); err != nil {
+		return fmt.Errorf("--listen: %w", err)
+	}
+	if f.metricsAddr != "" {
+		exposed, err := checkListenAddr(f.metricsAddr)
+		if err != nil {
+			return fmt.Errorf("--metrics-addr: %w", err)
+		}
+		if exposed {
+			log.Warn("--metrics-addr binds a non-loopback address: metrics and the /healthz /livez /readyz probes are "+
+				"reachable from other hosts, without authentication. Use 127.0.0.1:PORT (or :PORT) unless a firewall "+
+				"or network policy keeps them in", "metrics_addr", f.metricsAddr)
+		}
+	}
+	if f.otlpEndpoint != "" {
+		if _, _, err := net.SplitHostPort(f.otlpEndpoint); err != nil {
+			return fmt.Errorf("--otlp-endpoint %q: want host:port: %w", f.otlpEndpoint, err)
+		}
+	}
+	useState := !f.noState && f.stateFile != ""
+	var prior *hierarchy.State
+	if useState {
+		if prior, err = readState(ctx, f.stateFile, log); err != nil {
+			return err
+		}
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m := metrics.New(reg)
 
-	svc, err := newRegistry().Open(ctx, f.keyURI, keyservice.Options{Logger: log, ClusterName: f.clusterName, KeyIDSuffix: f.keyIDSuffix})
+	opts := keyservice.Options{Logger: log, ClusterName: f.clusterName, KeyIDSuffix: f.keyIDSuffix, NewKey: f.newKeyring}
+	if prior != nil {
+		opts.PriorKeyID, opts.PriorKeyIDFrom = prior.KeyID, f.stateFile
+	}
+	svc, err := newRegistry().Open(ctx, f.keyURI, opts)
 	if err != nil {
 		return err
 	}
@@ -116,7 +152,7 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 
 	cfg := f.hier
 	cfg.Logger, cfg.Metrics, cfg.Tracer = log, m, tracer
-	if !f.noState && f.stateFile != "" {
+	if useState {
 		cfg.State = hierarchy.FileState{Path: f.stateFile}
 	}
 	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -229,6 +265,46 @@ func serveHTTP(addr string, reg *prometheus.Registry, h *hierarchy.Hierarchy, lo
 		defer cancel()
 		_ = srv.Shutdown(ctx)
 	}, nil
+}
+
+// readState reads the saved local KEK state for the key ID it names (the
+// proof that a key existed, for the key service). A state file that is not a
+// regular file is refused (a FIFO would hang the start); one that cannot be
+// parsed is no proof (the hierarchy makes a new local KEK, as before).
+func readState(ctx context.Context, path string, log *slog.Logger) (*hierarchy.State, error) {
+	st, err := os.Stat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("--state-file: %w", err)
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("--state-file %s is not a regular file (mode %v): remove it or name another path", path, st.Mode())
+	}
+	s, err := hierarchy.FileState{Path: path}.Load(ctx)
+	if err != nil {
+		log.Warn("cannot read the local KEK state; it proves nothing about the key", "error", err)
+		return nil, nil
+	}
+	return s, nil
+}
+
+// checkListenAddr checks a host:port (an empty host means loopback) and
+// reports whether it is reachable from other hosts.
+func checkListenAddr(addr string) (exposed bool, err error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false, fmt.Errorf("%q: want host:port or :port: %w", addr, err)
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return false, fmt.Errorf("%q: port %q is not a number from 0 to 65535", addr, port)
+	}
+	if host == "" || host == "localhost" {
+		return false, nil
+	}
+	ip := net.ParseIP(host)
+	return ip == nil || !ip.IsLoopback(), nil
 }
 
 // loopbackDefault binds an address without a host (":9595") to loopback:

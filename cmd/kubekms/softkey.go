@@ -20,7 +20,7 @@ func newSoftkeyCmd() *cobra.Command {
 	cmd.PersistentFlags().StringVar(&uri, "key-uri", defaultKeyURI(), "keyring: softkey:///abs/path.json")
 	path := func() (string, error) { return softkey.ParseURI(uri) }
 
-	var disableAll bool
+	var all bool
 	var version int
 	setDisabled := func(disabled bool) func(*cobra.Command, []string) error {
 		return func(cmd *cobra.Command, _ []string) error {
@@ -28,19 +28,17 @@ func newSoftkeyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if disableAll == (version != 0) {
+			if all == cmd.Flags().Changed("version") {
 				return errors.New("give exactly one of --version N or --all")
 			}
-			ring, err := softkey.Load(p)
+			var ring *softkey.Keyring
+			if all {
+				ring, err = softkey.SetAllDisabled(p, disabled)
+			} else {
+				ring, err = softkey.SetDisabled(p, version, disabled)
+			}
 			if err != nil {
 				return err
-			}
-			for _, v := range ring.Versions {
-				if disableAll || v.Version == version {
-					if ring, err = softkey.SetDisabled(p, v.Version, disabled); err != nil {
-						return err
-					}
-				}
 			}
 			return printRing(cmd, ring)
 		}
@@ -81,13 +79,17 @@ func newSoftkeyCmd() *cobra.Command {
 	disable := &cobra.Command{
 		Use:   "disable",
 		Short: "Revoke key versions: the plugin drops the local KEKs they wrapped and refuses their data",
-		Args:  cobra.NoArgs,
-		RunE:  setDisabled(true),
+		Long: `Disable one key version (--version N) or all of them (--all). A disabled version neither wraps
+nor unwraps: a running plugin drops the local KEKs it wrapped and refuses their data. The primary
+version cannot be disabled alone (every Encrypt would fail while old data still decrypts): rotate
+first and disable the old version, or disable all versions to revoke the whole key.`,
+		Args: cobra.NoArgs,
+		RunE: setDisabled(true),
 	}
 	enable := &cobra.Command{Use: "enable", Short: "Re-enable key versions", Args: cobra.NoArgs, RunE: setDisabled(false)}
 	for _, c := range []*cobra.Command{disable, enable} {
-		c.Flags().IntVar(&version, "version", 0, "key version")
-		c.Flags().BoolVar(&disableAll, "all", false, "all versions")
+		intVar(c.Flags(), &version, "version", 0, 1, 1<<30, "key version (the primary only with --all, or after a rotation)")
+		c.Flags().BoolVar(&all, "all", false, "all versions (disable: revoke the whole key)")
 	}
 	cmd.AddCommand(rotate, list, disable, enable)
 	cmd.AddCommand(newSoftkeyShareCmds(path)...)

@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+
+	"google.golang.org/grpc/mem"
 )
 
 // RequireRealEnv is the variable that `make test` and CI set: when it is "1",
@@ -138,3 +140,22 @@ func TailFile(path string, lines int) string {
 	}
 	return string(bytes.Join(parts, []byte("\n")))
 }
+
+// RawCodec is a gRPC client codec that sends and receives raw bytes (a
+// *[]byte), for tests that send requests a protobuf encoder would refuse to
+// make: grpc.ForceCodecV2(testutil.RawCodec{}).
+type RawCodec struct{}
+
+// Marshal sends *v as it is.
+func (RawCodec) Marshal(v any) (mem.BufferSlice, error) {
+	return mem.BufferSlice{mem.SliceBuffer(*v.(*[]byte))}, nil
+}
+
+// Unmarshal stores the raw answer in *v.
+func (RawCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	*v.(*[]byte) = data.Materialize()
+	return nil
+}
+
+// Name is the content subtype the server expects.
+func (RawCodec) Name() string { return "proto" }

@@ -3,11 +3,12 @@ package pkcs11
 import (
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"time"
 
 	p11 "github.com/miekg/pkcs11"
+
+	"github.com/kubekms/kubekms/internal/safefile"
 )
 
 // A PKCS#11 module is process-wide state: C_Initialize and C_Finalize act on
@@ -43,6 +44,8 @@ type module struct {
 	refs int // guarded by modules.Mutex
 }
 
+var moduleRules = safefile.Rules{What: "PKCS#11 module", GroupRead: true, OtherRead: true}
+
 func acquireModule(path string) (*module, error) {
 	modules.Lock()
 	defer modules.Unlock()
@@ -50,7 +53,9 @@ func acquireModule(path string) (*module, error) {
 		m.refs++
 		return m, nil
 	}
-	if _, err := os.Stat(path); err != nil {
+	// The module is code this process runs: nobody but its owner (this
+	// user or root) may be able to change it or its folder.
+	if _, err := safefile.Check(path, moduleRules); err != nil {
 		return nil, fmt.Errorf("PKCS#11 module: %w", err)
 	}
 	ctx := p11.New(path)

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/kubekms/kubekms/internal/safefile"
 )
 
 // DefaultMaxSessions bounds the session pool when the URI has no
@@ -62,13 +64,18 @@ func (p PINSource) String() string {
 	return "env:" + p.Env
 }
 
+// pinFileRules: a PIN file is readable by its owner (this user or root) and
+// at most its group (a Kubernetes secret volume with an fsGroup), writable
+// by nobody else, in a folder nobody else can replace it in.
+var pinFileRules = safefile.Rules{What: "PIN file", GroupRead: true, GroupWritableDir: true, MaxSize: maxPINBytes + 2}
+
 // Read returns the PIN. A trailing newline in a PIN file is dropped. Errors
 // name the source, never its content.
 func (p PINSource) Read() (string, error) {
 	var pin string
 	switch {
 	case p.File != "":
-		b, err := os.ReadFile(p.File)
+		b, _, err := safefile.Read(p.File, pinFileRules)
 		if err != nil {
 			return "", fmt.Errorf("read PIN file: %w", err)
 		}

@@ -131,6 +131,13 @@ func TestPINSourceRead(t *testing.T) {
 		}
 		return p
 	}
+	writeMode := func(name, content string, mode os.FileMode) string {
+		p := write(name, content)
+		if err := os.Chmod(p, mode); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
 	for _, c := range []struct {
 		src     PINSource
 		want    string
@@ -143,6 +150,10 @@ func TestPINSourceRead(t *testing.T) {
 		{PINSource{File: write("long", strings.Repeat("x", maxPINBytes+1))}, "", "longer than"},
 		{PINSource{File: filepath.Join(dir, "missing")}, "", "read PIN file"},
 		{PINSource{Env: "KUBEKMS_TEST_UNSET_PIN"}, "", "is empty"},
+		{PINSource{File: writeMode("group", "1234\n", 0o640)}, "1234", ""},
+		{PINSource{File: writeMode("world", "1234\n", 0o644)}, "", "other users can read it"},
+		{PINSource{File: writeMode("writable", "1234\n", 0o622)}, "", "other users can change it"},
+		{PINSource{File: dir}, "", "not a regular file"},
 	} {
 		got, err := c.src.Read()
 		if c.wantErr == "" && (err != nil || got != c.want) {

@@ -7,13 +7,17 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io/fs"
+	"log/slog"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
-	"time"
+	"syscall"
+
+	"github.com/fsnotify/fsnotify"
 
 	"github.com/kubekms/kubekms/keyservice"
 )
@@ -46,69 +50,187 @@ func ParseURI(uri string) (string, error) {
 }
 
 // Service is a keyservice.Service over a keyring file. It re-reads the file
-// when it changes, so `kubekms softkey rotate` reaches a running plugin.
+// when it changes, so `kubekms softkey rotate` reaches a running plugin, and
+// watches the keyring's folder to say so at once (keyservice.Notifier).
+//
+// A changed file is checked like the first one (owner, mode, folder) and
+// must hold the same ring: a file that fails is not adopted. The service
+// keeps wrapping and unwrapping with the last good keyring and Probe reports
+// the refused file (class invalid), so Status shows it while nothing that was
+// answered becomes undecryptable and no stranger's key is used.
 type Service struct {
 	path string
+	log  *slog.Logger
 
 	mu      sync.Mutex
 	ring    *Keyring
-	modTime time.Time
-	size    int64
+	stamp   stamp // of the file and folder the last check looked at
+	refused error // why the keyring on disk is not adopted; nil when it is
+
+	watchOnce sync.Once
+	changed   chan struct{}
+	watcher   *fsnotify.Watcher
+	done      chan struct{} // closed when the watch goroutine ends (or never ran)
 }
 
-var _ keyservice.Service = (*Service)(nil)
+var (
+	_ keyservice.Service        = (*Service)(nil)
+	_ keyservice.VersionChecker = (*Service)(nil)
+	_ keyservice.Notifier       = (*Service)(nil)
+)
 
-// Open opens (and, if missing, creates) the keyring that uri names.
+// Open opens the keyring that uri names, creating it if it is missing and
+// opts.PriorKeyID gives no proof that one existed (see keyservice.Options).
 func Open(_ context.Context, uri string, opts keyservice.Options) (keyservice.Service, error) {
 	path, err := ParseURI(uri)
 	if err != nil {
 		return nil, err
 	}
-	ring, created, err := LoadOrCreate(path)
+	log := opts.LoggerOrDiscard()
+	prior, priorVersion, _ := parseKeyID(opts.PriorKeyID)
+	ring, st, created, err := loadOrCreate(path, func() error {
+		if prior == "" || opts.NewKey {
+			return nil
+		}
+		return fmt.Errorf("keyring %s is missing, but %s names key %s of keyring %s (version %d): "+
+			"everything encrypted since then needs that keyring. Restore the keyring file from a backup "+
+			"(on several control-plane nodes: copy it from another node), or check --key-uri and the volume it is on. "+
+			"To start a NEW keyring on purpose (data under keyring %s becomes unreadable), pass --new-keyring",
+			path, opts.PriorKeyIDSource(), opts.PriorKeyID, prior, priorVersion, prior)
+	})
 	if err != nil {
 		return nil, err
 	}
-	if created {
-		opts.LoggerOrDiscard().Info("created softkey keyring", "path", path, "key_id", ring.KeyID(ring.Primary))
+	switch {
+	case created && prior != "":
+		log.Warn("created a NEW softkey keyring although the saved state names another (--new-keyring): data under the old keyring is unreadable",
+			"path", path, "key_id", ring.KeyID(ring.Primary), "old_key_id", opts.PriorKeyID)
+	case created:
+		log.Warn("created a new softkey keyring: back it up; every node of the cluster needs this same file",
+			"path", path, "key_id", ring.KeyID(ring.Primary))
+	case prior != "" && prior != ring.RingID && !opts.NewKey:
+		return nil, fmt.Errorf("keyring %s is keyring %s, but %s names key %s of keyring %s: "+
+			"data encrypted under %s cannot be decrypted with this file. Restore keyring %s, or check --key-uri. "+
+			"To go on with keyring %s on purpose, pass --new-keyring",
+			path, ring.RingID, opts.PriorKeyIDSource(), opts.PriorKeyID, prior, prior, prior, ring.RingID)
 	}
-	if err := checkMode(path); err != nil {
-		return nil, err
-	}
-	s := &Service{path: path}
-	if _, err := s.current(true); err != nil {
-		return nil, err
-	}
-	return s, nil
-}
-
-func checkMode(path string) error {
-	st, err := os.Stat(path)
+	dst, err := os.Stat(filepath.Dir(path))
 	if err != nil {
-		return fmt.Errorf("stat keyring: %w", err)
+		return nil, fmt.Errorf("keyring folder: %w", err)
 	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return fmt.Errorf("keyring %s has mode %v: other users can read it; chmod 600 it", path, st.Mode().Perm())
-	}
-	return nil
+	return &Service{path: path, log: log, ring: ring, stamp: stampOf(st, dst), changed: make(chan struct{}, 1), done: make(chan struct{})}, nil
 }
 
-// current returns the keyring, re-reading the file if it changed (or if force).
-func (s *Service) current(force bool) (*Keyring, error) {
+// stamp identifies one version of the keyring file and its folder: any
+// rename, write, chmod or chown changes it.
+type stamp struct {
+	dev, ino, size          uint64
+	mtime, ctime            syscall.Timespec
+	mode, uid, gid          uint32
+	dirIno                  uint64
+	dirMode, dirUID, dirGID uint32
+}
+
+func stampOf(file, dir os.FileInfo) stamp {
+	var s stamp
+	if st, ok := file.Sys().(*syscall.Stat_t); ok {
+		s.dev, s.ino, s.size = st.Dev, st.Ino, uint64(st.Size)
+		s.mtime, s.ctime, s.mode, s.uid, s.gid = st.Mtim, st.Ctim, st.Mode, st.Uid, st.Gid
+	}
+	if st, ok := dir.Sys().(*syscall.Stat_t); ok {
+		s.dirIno, s.dirMode, s.dirUID, s.dirGID = st.Ino, st.Mode, st.Uid, st.Gid
+	}
+	return s
+}
+
+// current returns the keyring to use and, when the file on disk is refused,
+// why. A missing or unreadable file is an outage (transient error).
+func (s *Service) current() (ring *Keyring, refused, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st, err := os.Stat(s.path)
 	if err != nil {
-		return nil, keyservice.Transient("read keyring", err)
+		return nil, nil, keyservice.Transient("read keyring", err)
 	}
-	if !force && s.ring != nil && st.ModTime().Equal(s.modTime) && st.Size() == s.size {
-		return s.ring, nil
-	}
-	ring, err := Load(s.path)
+	dst, err := os.Stat(filepath.Dir(s.path))
 	if err != nil {
-		return nil, keyservice.Transient("read keyring", err)
+		return nil, nil, keyservice.Transient("read keyring", err)
 	}
-	s.ring, s.modTime, s.size = ring, st.ModTime(), st.Size()
-	return ring, nil
+	if stampOf(st, dst) == s.stamp {
+		return s.ring, s.refused, nil
+	}
+	ring, fst, err := load(s.path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, nil, keyservice.Transient("read keyring", err)
+	case err == nil && ring.RingID != s.ring.RingID:
+		err = fmt.Errorf("keyring %s now holds keyring %s, not %s: data encrypted under %s would become unreadable; "+
+			"restore keyring %s (restart kubekms serve to use another keyring on purpose)",
+			s.path, ring.RingID, s.ring.RingID, s.ring.RingID, s.ring.RingID)
+	}
+	if err != nil {
+		// Refuse it, but look again only when the file or folder changes.
+		s.stamp = stampOf(st, dst)
+		s.refused = fmt.Errorf("%w; still using the last good keyring %s", err, s.ring.RingID)
+		s.log.Error("softkey keyring changed on disk and was REFUSED; keeping the last good keyring", "path", s.path, "error", err)
+		return s.ring, s.refused, nil
+	}
+	if s.refused != nil {
+		s.log.Info("softkey keyring accepted again", "path", s.path, "key_id", ring.KeyID(ring.Primary))
+	}
+	s.ring, s.stamp, s.refused = ring, stampOf(fst, dst), nil
+	return ring, nil, nil
+}
+
+// Changed fires when the keyring file or its folder changes. The first call
+// starts the watch; Close stops it.
+func (s *Service) Changed() <-chan struct{} {
+	s.watchOnce.Do(s.watch)
+	return s.changed
+}
+
+// watch starts watching the keyring's folder: `softkey rotate` replaces the
+// file by a rename, which a watch on the file itself would miss. Without
+// inotify (or over its limit) changes are still seen at the next probe.
+func (s *Service) watch() {
+	w, err := fsnotify.NewWatcher()
+	if err == nil {
+		err = w.Add(filepath.Dir(s.path))
+		if err != nil {
+			w.Close()
+		}
+	}
+	if err != nil {
+		s.log.Warn("cannot watch the softkey keyring's folder; changes are seen at the next probe", "path", s.path, "error", err)
+		close(s.done)
+		return
+	}
+	s.watcher = w
+	dir, base := filepath.Dir(s.path), filepath.Base(s.path)
+	go func() {
+		defer close(s.done)
+		for {
+			select {
+			case ev, ok := <-w.Events:
+				if !ok {
+					return
+				}
+				// The keyring itself, or the folder's own mode or owner.
+				if filepath.Base(ev.Name) != base && filepath.Clean(ev.Name) != dir {
+					continue
+				}
+				select {
+				case s.changed <- struct{}{}:
+				default: // one pending signal is enough
+				}
+			case err, ok := <-w.Errors:
+				if !ok {
+					return
+				}
+				s.log.Warn("softkey keyring watch", "error", err)
+			}
+		}
+	}()
 }
 
 func gcm(key []byte) (cipher.AEAD, error) {
@@ -121,7 +243,7 @@ func gcm(key []byte) (cipher.AEAD, error) {
 
 // Wrap seals plaintext with the primary version.
 func (s *Service) Wrap(_ context.Context, plaintext []byte) (keyservice.WrapResult, error) {
-	ring, err := s.current(false)
+	ring, _, err := s.current()
 	if err != nil {
 		return keyservice.WrapResult{}, err
 	}
@@ -144,7 +266,7 @@ func (s *Service) Wrap(_ context.Context, plaintext []byte) (keyservice.WrapResu
 
 // Unwrap opens a value that Wrap made with the version keyID names.
 func (s *Service) Unwrap(_ context.Context, keyID string, wrapped []byte) ([]byte, error) {
-	ring, err := s.current(false)
+	ring, _, err := s.current()
 	if err != nil {
 		return nil, err
 	}
@@ -183,11 +305,16 @@ func (s *Service) Unwrap(_ context.Context, keyID string, wrapped []byte) ([]byt
 }
 
 // Probe re-reads the keyring if it changed and returns the primary's key ID.
-// It makes no cryptographic call.
+// It makes no cryptographic call. A refused keyring file is an invalid-class
+// error: not an outage the grace period would hide, not a revocation that
+// would drop the cache.
 func (s *Service) Probe(context.Context) (string, error) {
-	ring, err := s.current(false)
+	ring, refused, err := s.current()
 	if err != nil {
 		return "", err
+	}
+	if refused != nil {
+		return "", keyservice.Invalid("probe", refused)
 	}
 	v := ring.Find(ring.Primary)
 	keyID := ring.KeyID(v.Version)
@@ -197,8 +324,15 @@ func (s *Service) Probe(context.Context) (string, error) {
 	return keyID, nil
 }
 
-// Close does nothing: the keyring holds no connections.
-func (s *Service) Close() error { return nil }
+// Close stops watching the keyring.
+func (s *Service) Close() error {
+	s.watchOnce.Do(func() { close(s.done) }) // never watched: nothing to stop
+	if s.watcher != nil {
+		s.watcher.Close()
+	}
+	<-s.done
+	return nil
+}
 
 func parseKeyID(keyID string) (ring string, version int, err error) {
 	rest, ok := strings.CutPrefix(keyID, Scheme+":")
@@ -219,7 +353,7 @@ func parseKeyID(keyID string) (ring string, version int, err error) {
 // CheckKeyID reports whether keyID's version is still usable: a disabled or
 // removed version is revoked. No cryptographic call.
 func (s *Service) CheckKeyID(_ context.Context, keyID string) error {
-	ring, err := s.current(false)
+	ring, _, err := s.current()
 	if err != nil {
 		return err
 	}

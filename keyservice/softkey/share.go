@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
 )
 
@@ -94,7 +93,11 @@ func Import(path string, data []byte) (*ImportResult, error) {
 	}
 	res := &ImportResult{FingerprintFrom: Fingerprint(&in), Primary: in.Primary}
 	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
-		if err := createFrom(path, &in); err != nil {
+		err := locked(path, func() error { return createFrom(path, &in) })
+		if errors.Is(err, errExists) {
+			return nil, fmt.Errorf("keyring %s appeared during the import; run it again", path)
+		}
+		if err != nil {
 			return nil, err
 		}
 		res.Created, res.Fingerprint = true, res.FingerprintFrom
@@ -143,28 +146,6 @@ func checkImport(mine, in *Keyring) error {
 			return fmt.Errorf("version %d differs between the export and this node: the keyrings were changed "+
 				"independently (two rotations); keep the one whose key protects the data", v.Version)
 		}
-	}
-	return nil
-}
-
-// createFrom writes r as a new keyring file at path, failing if one
-// appeared meanwhile: a hard link of a complete temp file never replaces
-// an existing file.
-func createFrom(path string, r *Keyring) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return fmt.Errorf("create keyring folder: %w", err)
-	}
-	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".import")
-	_ = os.Remove(tmp)
-	if err := save(tmp, r); err != nil {
-		return err
-	}
-	defer os.Remove(tmp)
-	if err := os.Link(tmp, path); err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return fmt.Errorf("keyring %s appeared during the import; run it again", path)
-		}
-		return fmt.Errorf("create keyring: %w", err)
 	}
 	return nil
 }

@@ -13,15 +13,6 @@ import (
 	"github.com/kubekms/kubekms/keyservice/softkey"
 )
 
-func open(t *testing.T, path string) keyservice.Service {
-	t.Helper()
-	svc, err := softkey.Open(context.Background(), "softkey://"+path, keyservice.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return svc
-}
-
 func fingerprint(t *testing.T, path string) string {
 	t.Helper()
 	r, err := softkey.Load(path)
@@ -48,7 +39,7 @@ func TestShareAcrossNodes(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	a, b := filepath.Join(dir, "a", "keyring.json"), filepath.Join(dir, "b", "keyring.json")
-	svcA := open(t, a) // creates node A's ring
+	svcA := open(t, a, keyservice.Options{}) // creates node A's ring
 
 	res, err := softkey.Import(b, exportFile(t, a))
 	if err != nil {
@@ -60,7 +51,7 @@ func TestShareAcrossNodes(t *testing.T) {
 	if st, _ := os.Stat(b); st.Mode().Perm() != 0o600 {
 		t.Errorf("imported keyring has mode %v", st.Mode().Perm())
 	}
-	svcB := open(t, b)
+	svcB := open(t, b, keyservice.Options{})
 	crossCheck := func(step string) {
 		t.Helper()
 		for _, pair := range [][2]keyservice.Service{{svcA, svcB}, {svcB, svcA}} {
