@@ -43,6 +43,7 @@ func newFixture(t testing.TB) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { svc.Close() }) // stops its keyring watch
 	return &fixture{path: path, svc: keyservicetest.NewCounting(svc), clock: newClock(),
 		state: hierarchy.FileState{Path: filepath.Join(dir, "state.json")}}
 }

@@ -22,6 +22,7 @@ func FuzzV1Decrypt(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
+	f.Cleanup(func() { svc.Close() }) // stops its keyring watch
 	h, err := hierarchy.New(context.Background(), svc, hierarchy.Config{})
 	if err != nil {
 		f.Fatal(err)

@@ -26,6 +26,7 @@ func TestTracingFollowsUID(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { svc.Close() }) // stops its keyring watch
 	enc := func(h *hierarchy.Hierarchy) hierarchy.Sealed {
 		s, err := h.Encrypt(context.Background(), seed)
 		if err != nil {

@@ -46,6 +46,7 @@ func serveKubekms(t *testing.T, ring string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { svc.Close() }) // stops its keyring watch
 	h, err := hierarchy.New(context.Background(), svc, hierarchy.Config{})
 	if err != nil {
 		t.Fatal(err)

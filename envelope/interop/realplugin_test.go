@@ -34,6 +34,7 @@ func startKubekms(t *testing.T) (endpoint, keyring string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { svc.Close() }) // stops its keyring watch
 	log := slog.New(slog.DiscardHandler)
 	h, err := hierarchy.New(context.Background(), svc, hierarchy.Config{Logger: log, ProbeInterval: 20 * time.Millisecond})
 	if err != nil {

@@ -54,10 +54,12 @@ func ParseURI(uri string) (string, error) {
 // watches the keyring's folder to say so at once (keyservice.Notifier).
 //
 // A changed file is checked like the first one (owner, mode, folder) and
-// must hold the same ring: a file that fails is not adopted. The service
-// keeps wrapping and unwrapping with the last good keyring and Probe reports
-// the refused file (class invalid), so Status shows it while nothing that was
-// answered becomes undecryptable and no stranger's key is used.
+// must hold the same ring: a file that fails is not adopted, so no
+// stranger's key is ever used and nothing answered becomes undecryptable.
+// The service keeps the last good keyring for Wrap and Unwrap, and Probe
+// reports the refused file as an invalid-class error: Status shows it, and
+// the hierarchy stops sealing (fail closed) until the file is fixed, which
+// the folder watch reports at once.
 type Service struct {
 	path string
 	log  *slog.Logger
@@ -171,7 +173,7 @@ func (s *Service) current() (ring *Keyring, refused, err error) {
 	if err != nil {
 		// Refuse it, but look again only when the file or folder changes.
 		s.stamp = stampOf(st, dst)
-		s.refused = fmt.Errorf("%w; still using the last good keyring %s", err, s.ring.RingID)
+		s.refused = fmt.Errorf("%w (the file is not adopted; the last good keyring %s is kept)", err, s.ring.RingID)
 		s.log.Error("softkey keyring changed on disk and was REFUSED; keeping the last good keyring", "path", s.path, "error", err)
 		return s.ring, s.refused, nil
 	}
