@@ -29,10 +29,24 @@ type SocketOptions struct {
 }
 
 // CheckEndpoint checks a listen endpoint (unix:///path or unix:///@abstract)
-// without creating anything.
-func CheckEndpoint(endpoint string) error {
-	if _, err := util.ParseEndpoint(endpoint); err != nil {
+// and, if the socket's folder exists, the folder, without creating anything:
+// so a command can refuse a bad endpoint before it does anything else.
+func CheckEndpoint(endpoint string, opts SocketOptions) error {
+	addr, err := util.ParseEndpoint(endpoint)
+	if err != nil {
 		return fmt.Errorf("endpoint %q: %w", endpoint, err)
+	}
+	if strings.HasPrefix(addr, "@") {
+		return nil
+	}
+	if _, err := os.Stat(filepath.Dir(addr)); err != nil {
+		return nil // Listen creates it
+	}
+	if err := prepareDir(filepath.Dir(addr), opts.AllowInsecureDir); err != nil {
+		return err
+	}
+	if st, err := os.Lstat(addr); err == nil && st.Mode().Type() != os.ModeSocket {
+		return fmt.Errorf("%s exists and is not a socket; refusing to remove it", addr)
 	}
 	return nil
 }
@@ -141,7 +155,7 @@ func prepareDir(dir string, allowInsecure bool) error {
 		return nil
 	}
 	if st.Mode().Perm()&0o002 != 0 {
-		return fmt.Errorf("socket folder %s is writable by every user (mode %v): another user could replace the socket; "+
+		return fmt.Errorf("socket folder %s is writable by every user (mode %04o): another user could replace the socket; "+
 			"use a private folder or pass --allow-insecure-socket-dir", dir, st.Mode().Perm())
 	}
 	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Uid != 0 && int(sys.Uid) != os.Getuid() {

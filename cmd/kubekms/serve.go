@@ -93,7 +93,8 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 	if err != nil || mode > 0o777 {
 		return fmt.Errorf("--socket-mode %q: want an octal mode like 0600", f.socketMode)
 	}
-	if err := plugin.CheckEndpoint(f.listen); err != nil {
+	sockOpts := plugin.SocketOptions{Mode: os.FileMode(mode), Group: f.socketGroup, AllowInsecureDir: f.allowInsecureDir}
+	if err := plugin.CheckEndpoint(f.listen, sockOpts); err != nil {
 		return fmt.Errorf("--listen: %w", err)
 	}
 	if f.metricsAddr != "" {
@@ -163,7 +164,7 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 	}
 	defer h.Close()
 
-	l, err := plugin.Listen(f.listen, plugin.SocketOptions{Mode: os.FileMode(mode), Group: f.socketGroup, AllowInsecureDir: f.allowInsecureDir})
+	l, err := plugin.Listen(f.listen, sockOpts)
 	if err != nil {
 		return err
 	}

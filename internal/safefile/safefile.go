@@ -67,10 +67,12 @@ func Read(path string, r Rules) ([]byte, os.FileInfo, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", r.what(), err)
 	}
-	if err := r.checkFile(path, st); err != nil {
+	// The folder first: a folder others can write is the cause of whatever
+	// is wrong with the file.
+	if err := r.checkDirs(path); err != nil {
 		return nil, nil, err
 	}
-	if err := r.checkDirs(path); err != nil {
+	if err := r.checkFile(path, st); err != nil {
 		return nil, nil, err
 	}
 	limit := r.MaxSize
@@ -94,10 +96,10 @@ func Check(path string, r Rules) (os.FileInfo, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", r.what(), err)
 	}
-	if err := r.checkFile(path, st); err != nil {
+	if err := r.checkDirs(path); err != nil {
 		return nil, err
 	}
-	return st, r.checkDirs(path)
+	return st, r.checkFile(path, st)
 }
 
 // CheckDir checks that dir is a folder only this user or root can write.

@@ -125,9 +125,12 @@ func (s *service) keyID(keyARN string) (string, error) {
 
 // keyARN returns the key ARN in a key ID that Wrap or Probe returned, with
 // any suffix, also one that has since been changed.
+// A key ID that is not one (a forged key_id) is refused here, without a
+// KMS call.
 func keyARN(keyID string) (string, error) {
 	arn, _, _ := strings.Cut(keyID, suffixSep)
-	if !keyARNRE.MatchString(arn) {
+	_, id, _ := strings.Cut(arn, ":key/")
+	if !keyARNRE.MatchString(arn) || !keyIDRE.MatchString(id) {
 		return "", fmt.Errorf("key ID %q is not a KMS key ARN with an optional %q suffix", keyID, suffixSep)
 	}
 	return arn, nil

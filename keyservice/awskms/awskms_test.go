@@ -308,6 +308,7 @@ func TestUnwrapBadInput(t *testing.T) {
 	}{
 		"alias as key ID":   {testAlias, res.Wrapped},
 		"garbage key ID":    {"not-an-arn", res.Wrapped},
+		"forged key ID":     {res.KeyID + "x", res.Wrapped}, // refused before any KMS call
 		"other key":         {localkms.KeyARN(keyB), res.Wrapped},
 		"oversized wrapped": {res.KeyID, make([]byte, maxCiphertext+1)},
 		"garbage wrapped":   {res.KeyID, []byte("garbage")},

@@ -110,7 +110,8 @@ func TestKeyIDSuffixRoundTrip(t *testing.T) {
 			t.Fatalf("keyARN(%q) = %q, want %q", keyID, arn, want)
 		}
 	}
-	for _, keyID := range []string{"", "#v2", "alias/kubekms", testAliasARN, "arn:aws:kms:eu-west-2:111122223333:key/x y", "arn:aws:s3:::bucket"} {
+	for _, keyID := range []string{"", "#v2", "alias/kubekms", testAliasARN, "arn:aws:kms:eu-west-2:111122223333:key/x y", "arn:aws:s3:::bucket",
+		testKeyARN + "x", "arn:aws:kms:eu-west-2:111122223333:key/not-a-uuid"} {
 		if _, err := keyARN(keyID); err == nil {
 			t.Fatalf("keyARN(%q) accepted a key ID that is not a key ARN", keyID)
 		}

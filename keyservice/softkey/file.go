@@ -1,6 +1,7 @@
 package softkey
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -51,7 +52,9 @@ func load(path string) (*Keyring, os.FileInfo, error) {
 // beside it). Every creation and change of the keyring takes it, so two
 // processes never interleave: no rotation is lost, and of several processes
 // starting at once on a missing keyring exactly one creates it.
-func locked(path string, fn func() error) error {
+//
+// Waiting for another process's lock ends after lockWait, or when ctx ends.
+func locked(ctx context.Context, path string, fn func() error) error {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create keyring folder: %w", err)
@@ -76,7 +79,11 @@ func locked(path string, fn func() error) error {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("lock keyring: %s has been held by another process for %s (a stopped `kubekms softkey` command?)", lock.Name(), lockWait)
 		}
-		time.Sleep(20 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the keyring lock %s: %w", lock.Name(), ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
 	return fn()
 }
@@ -84,7 +91,7 @@ func locked(path string, fn func() error) error {
 // update runs fn on the keyring under the lock and saves the result.
 func update(path string, fn func(*Keyring) error) (*Keyring, error) {
 	var out *Keyring
-	err := locked(path, func() error {
+	err := locked(context.Background(), path, func() error {
 		r, err := Load(path)
 		if err != nil {
 			return err
@@ -111,7 +118,7 @@ var errExists = errors.New("keyring already exists")
 // file exists, also when another process creates it at the same moment.
 func Create(path string) (*Keyring, error) {
 	var r *Keyring
-	err := locked(path, func() (err error) {
+	err := locked(context.Background(), path, func() (err error) {
 		r, err = create(path)
 		return err
 	})
@@ -122,18 +129,18 @@ func Create(path string) (*Keyring, error) {
 // exist. Of several processes doing this at once, one creates the keyring
 // and the others load that one.
 func LoadOrCreate(path string) (r *Keyring, created bool, err error) {
-	r, _, created, err = loadOrCreate(path, nil)
+	r, _, created, err = loadOrCreate(context.Background(), path, nil)
 	return r, created, err
 }
 
 // loadOrCreate is LoadOrCreate; when the keyring is missing, mayCreate (if
 // set) is asked first and its error returned instead of creating one.
-func loadOrCreate(path string, mayCreate func() error) (r *Keyring, st os.FileInfo, created bool, err error) {
+func loadOrCreate(ctx context.Context, path string, mayCreate func() error) (r *Keyring, st os.FileInfo, created bool, err error) {
 	r, st, err = load(path)
 	if !errors.Is(err, fs.ErrNotExist) {
 		return r, st, false, err
 	}
-	err = locked(path, func() error {
+	err = locked(ctx, path, func() error {
 		r, st, err = load(path) // created by another process while we waited
 		if !errors.Is(err, fs.ErrNotExist) {
 			return err

@@ -171,7 +171,7 @@ func TestReloadRefusesHostileKeyring(t *testing.T) {
 			tc.apply(t, path)
 			_, err = svc.Probe(ctx)
 			if keyservice.Classify(err) != keyservice.ClassInvalid || !strings.Contains(err.Error(), tc.want) ||
-				!strings.Contains(err.Error(), "last good keyring") {
+				!strings.Contains(err.Error(), "last good keyring kept") {
 				t.Fatalf("Probe after %s: %v; want an invalid-class error saying %q", tc.name, err, tc.want)
 			}
 			// The last good ring still wraps and unwraps.

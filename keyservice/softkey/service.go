@@ -83,14 +83,14 @@ var (
 
 // Open opens the keyring that uri names, creating it if it is missing and
 // opts.PriorKeyID gives no proof that one existed (see keyservice.Options).
-func Open(_ context.Context, uri string, opts keyservice.Options) (keyservice.Service, error) {
+func Open(ctx context.Context, uri string, opts keyservice.Options) (keyservice.Service, error) {
 	path, err := ParseURI(uri)
 	if err != nil {
 		return nil, err
 	}
 	log := opts.LoggerOrDiscard()
 	prior, priorVersion, _ := parseKeyID(opts.PriorKeyID)
-	ring, st, created, err := loadOrCreate(path, func() error {
+	ring, st, created, err := loadOrCreate(ctx, path, func() error {
 		if prior == "" || opts.NewKey {
 			return nil
 		}
@@ -166,14 +166,14 @@ func (s *Service) current() (ring *Keyring, refused, err error) {
 	case errors.Is(err, fs.ErrNotExist):
 		return nil, nil, keyservice.Transient("read keyring", err)
 	case err == nil && ring.RingID != s.ring.RingID:
-		err = fmt.Errorf("keyring %s now holds keyring %s, not %s: data encrypted under %s would become unreadable; "+
+		err = fmt.Errorf("%s now holds keyring %s, not %s: data encrypted under %s would become unreadable; "+
 			"restore keyring %s (restart kubekms serve to use another keyring on purpose)",
 			s.path, ring.RingID, s.ring.RingID, s.ring.RingID, s.ring.RingID)
 	}
 	if err != nil {
 		// Refuse it, but look again only when the file or folder changes.
 		s.stamp = stampOf(st, dst)
-		s.refused = fmt.Errorf("%w (the file is not adopted; the last good keyring %s is kept)", err, s.ring.RingID)
+		s.refused = fmt.Errorf("keyring file refused, last good keyring kept: %w", err)
 		s.log.Error("softkey keyring changed on disk and was REFUSED; keeping the last good keyring", "path", s.path, "error", err)
 		return s.ring, s.refused, nil
 	}

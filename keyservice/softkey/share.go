@@ -1,6 +1,7 @@
 package softkey
 
 import (
+	"context"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/binary"
@@ -93,7 +94,7 @@ func Import(path string, data []byte) (*ImportResult, error) {
 	}
 	res := &ImportResult{FingerprintFrom: Fingerprint(&in), Primary: in.Primary}
 	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
-		err := locked(path, func() error { return createFrom(path, &in) })
+		err := locked(context.Background(), path, func() error { return createFrom(path, &in) })
 		if errors.Is(err, errExists) {
 			return nil, fmt.Errorf("keyring %s appeared during the import; run it again", path)
 		}
