@@ -190,4 +190,3 @@ func counter(t *testing.T, s *server, code string) int {
 	}
 	return int(n)
 }
-
