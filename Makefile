@@ -23,12 +23,13 @@ build:
 run: build
 	./$(BIN) serve --log-format text
 
-## deps: install the real parts the unit tests use (SoftHSM2, local-kms, etcd, Vault, promtool, systemd tools).
+## deps: install the real parts the unit tests use (SoftHSM2, local-kms, etcd, Vault, promtool, systemd tools, strace).
 deps: vault
 	hack/install-softhsm.sh
 	hack/install-local-kms.sh
 	hack/cluster-bins.sh etcd
 	hack/install-deploy-tools.sh
+	hack/install-hostile-tools.sh
 
 ## vault: build HashiCorp Vault into $(KUBEKMS_CACHE)/bin (~8 min the first time; VAULT_BIN=... links a prebuilt one).
 vault:

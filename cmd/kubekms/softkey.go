@@ -16,6 +16,10 @@ func newSoftkeyCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "softkey",
 		Short: "Manage the embedded keyring (the softkey key service)",
+		Args:  cobra.NoArgs, // an unknown subcommand is an error, not the help text
+		RunE: func(*cobra.Command, []string) error {
+			return errors.New("give a subcommand: rotate, list, disable or enable")
+		},
 	}
 	cmd.PersistentFlags().StringVar(&uri, "key-uri", defaultKeyURI(), "keyring: softkey:///abs/path.json")
 	path := func() (string, error) { return softkey.ParseURI(uri) }
