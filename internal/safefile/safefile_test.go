@@ -4,7 +4,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -26,39 +25,39 @@ func TestRead(t *testing.T) {
 		want  string // "" = accepted
 	}{
 		{"0600", secret, nil, ""},
-		{"0400", secret, func(t *testing.T, _, p string) { chmod(t, p, 0o400) }, ""},
-		{"0640 secret", secret, func(t *testing.T, _, p string) { chmod(t, p, 0o640) }, "other users can read it; chmod 600"},
-		{"0640 shared", shared, func(t *testing.T, _, p string) { chmod(t, p, 0o640) }, ""},
-		{"0644 shared", shared, func(t *testing.T, _, p string) { chmod(t, p, 0o644) }, "other users can read it; chmod 640"},
-		{"0644 code", code, func(t *testing.T, _, p string) { chmod(t, p, 0o644) }, ""},
-		{"0664 code", code, func(t *testing.T, _, p string) { chmod(t, p, 0o664) }, "other users can change it"},
-		{"0602", secret, func(t *testing.T, _, p string) { chmod(t, p, 0o602) }, "other users can change it"},
-		{"other owner", secret, func(t *testing.T, _, p string) { chown(t, p, 65534) }, "belongs to uid 65534"},
-		{"too large", secret, func(t *testing.T, _, p string) { write(t, p, strings.Repeat("x", 65)) }, "larger than 64 bytes"},
+		{"0400", secret, func(t *testing.T, _, p string) { testutil.Chmod(t, p, 0o400) }, ""},
+		{"0640 secret", secret, func(t *testing.T, _, p string) { testutil.Chmod(t, p, 0o640) }, "other users can read it; chmod 600"},
+		{"0640 shared", shared, func(t *testing.T, _, p string) { testutil.Chmod(t, p, 0o640) }, ""},
+		{"0644 shared", shared, func(t *testing.T, _, p string) { testutil.Chmod(t, p, 0o644) }, "other users can read it; chmod 640"},
+		{"0644 code", code, func(t *testing.T, _, p string) { testutil.Chmod(t, p, 0o644) }, ""},
+		{"0664 code", code, func(t *testing.T, _, p string) { testutil.Chmod(t, p, 0o664) }, "other users can change it"},
+		{"0602", secret, func(t *testing.T, _, p string) { testutil.Chmod(t, p, 0o602) }, "other users can change it"},
+		{"other owner", secret, func(t *testing.T, _, p string) { testutil.Chown(t, p, 65534) }, "belongs to uid 65534"},
+		{"too large", secret, func(t *testing.T, _, p string) { testutil.WriteFile(t, p, strings.Repeat("x", 65)) }, "larger than 64 bytes"},
 		{"missing", secret, func(t *testing.T, _, p string) { os.Remove(p) }, "no such file"},
-		{"folder", secret, func(t *testing.T, _, p string) { os.Remove(p); mkdir(t, p) }, "is a folder, not a regular file"},
-		{"FIFO", secret, func(t *testing.T, _, p string) { os.Remove(p); mkfifo(t, p) }, "is a FIFO (named pipe), not a regular file"},
+		{"folder", secret, func(t *testing.T, _, p string) { os.Remove(p); testutil.Mkdir(t, p) }, "is a folder, not a regular file"},
+		{"FIFO", secret, func(t *testing.T, _, p string) { os.Remove(p); testutil.Mkfifo(t, p) }, "is a FIFO (named pipe), not a regular file"},
 		{"device", secret, func(t *testing.T, _, p string) { os.Remove(p); symlink(t, "/dev/null", p) }, "is a device"},
-		{"world-writable folder", secret, func(t *testing.T, d, _ string) { chmod(t, d, 0o777) }, "writable by every user"},
-		{"sticky world-writable folder", secret, func(t *testing.T, d, _ string) { chmod(t, d, 0o777|os.ModeSticky) }, ""},
-		{"group-writable folder", secret, func(t *testing.T, d, _ string) { chmod(t, d, 0o770) }, "writable by its group"},
-		{"group-writable folder, shared", shared, func(t *testing.T, d, _ string) { chmod(t, d, 0o770) }, ""},
-		{"folder of another user", secret, func(t *testing.T, d, _ string) { chown(t, d, 65534) }, "folder belongs to uid 65534"},
+		{"world-writable folder", secret, func(t *testing.T, d, _ string) { testutil.Chmod(t, d, 0o777) }, "writable by every user"},
+		{"sticky world-writable folder", secret, func(t *testing.T, d, _ string) { testutil.Chmod(t, d, 0o777|os.ModeSticky) }, ""},
+		{"group-writable folder", secret, func(t *testing.T, d, _ string) { testutil.Chmod(t, d, 0o770) }, "writable by its group"},
+		{"group-writable folder, shared", shared, func(t *testing.T, d, _ string) { testutil.Chmod(t, d, 0o770) }, ""},
+		{"folder of another user", secret, func(t *testing.T, d, _ string) { testutil.Chown(t, d, 65534) }, "folder belongs to uid 65534"},
 		{"symlink into a world-writable folder", secret, func(t *testing.T, _, p string) {
 			d := filepath.Join(t.TempDir(), "open")
-			mkdir(t, d)
-			chmod(t, d, 0o777)
+			testutil.Mkdir(t, d)
+			testutil.Chmod(t, d, 0o777)
 			target := filepath.Join(d, "pin")
-			write(t, target, "1234")
+			testutil.WriteFile(t, target, "1234")
 			os.Remove(p)
 			symlink(t, target, p)
 		}, "writable by every user"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "d")
-			mkdir(t, dir)
+			testutil.Mkdir(t, dir)
 			path := filepath.Join(dir, "pin")
-			write(t, path, "1234\n")
+			testutil.WriteFile(t, path, "1234\n")
 			if tc.setup != nil {
 				tc.setup(t, dir, path)
 			}
@@ -86,41 +85,6 @@ func TestRead(t *testing.T) {
 				t.Fatalf("Check accepted what Read refused (%v)", err)
 			}
 		})
-	}
-}
-
-func chmod(t *testing.T, p string, m os.FileMode) {
-	t.Helper()
-	if err := os.Chmod(p, m); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func chown(t *testing.T, p string, uid int) {
-	t.Helper()
-	if err := os.Chown(p, uid, uid); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func write(t *testing.T, p, s string) {
-	t.Helper()
-	if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func mkdir(t *testing.T, p string) {
-	t.Helper()
-	if err := os.Mkdir(p, 0o700); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func mkfifo(t *testing.T, p string) {
-	t.Helper()
-	if err := syscall.Mkfifo(p, 0o600); err != nil {
-		t.Fatal(err)
 	}
 }
 

@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -147,11 +146,11 @@ func TestReloadRefusesHostileKeyring(t *testing.T) {
 		want  string
 	}{
 		{"other ring", func(t *testing.T, path string) { copyOver(t, newOtherRing(t), path) }, "now holds keyring"},
-		{"world-readable", func(t *testing.T, path string) { chmod(t, path, 0o644) }, "other users can read it"},
-		{"group-writable", func(t *testing.T, path string) { chmod(t, path, 0o620) }, "other users can change it"},
-		{"other owner", func(t *testing.T, path string) { chown(t, path, 65534) }, "belongs to uid 65534"},
-		{"world-writable folder", func(t *testing.T, path string) { chmod(t, filepath.Dir(path), 0o777) }, "writable by every user"},
-		{"folder of another user", func(t *testing.T, path string) { chown(t, filepath.Dir(path), 65534) }, "folder belongs to uid 65534"},
+		{"world-readable", func(t *testing.T, path string) { testutil.Chmod(t, path, 0o644) }, "other users can read it"},
+		{"group-writable", func(t *testing.T, path string) { testutil.Chmod(t, path, 0o620) }, "other users can change it"},
+		{"other owner", func(t *testing.T, path string) { testutil.Chown(t, path, 65534) }, "belongs to uid 65534"},
+		{"world-writable folder", func(t *testing.T, path string) { testutil.Chmod(t, filepath.Dir(path), 0o777) }, "writable by every user"},
+		{"folder of another user", func(t *testing.T, path string) { testutil.Chown(t, filepath.Dir(path), 65534) }, "folder belongs to uid 65534"},
 		{"not JSON", func(t *testing.T, path string) { writeOver(t, path, []byte("{\n")) }, "parse keyring"},
 		{"a folder", func(t *testing.T, path string) { mkdirOver(t, path) }, "not a regular file"},
 	} {
@@ -191,11 +190,11 @@ func TestReloadRefusesHostileKeyring(t *testing.T) {
 func TestReloadAcceptsFixedKeyring(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "keyring.json")
 	svc := open(t, path, keyservice.Options{})
-	chmod(t, path, 0o644)
+	testutil.Chmod(t, path, 0o644)
 	if _, err := svc.Probe(context.Background()); err == nil {
 		t.Fatal("Probe accepted a world-readable keyring")
 	}
-	chmod(t, path, 0o600)
+	testutil.Chmod(t, path, 0o600)
 	if _, err := softkey.Rotate(path); err != nil {
 		t.Fatal(err)
 	}
@@ -243,7 +242,7 @@ func TestChangedFiresOnRotateAndDisable(t *testing.T) {
 	}
 	wait("disable")
 	drain()
-	chmod(t, path, 0o640)
+	testutil.Chmod(t, path, 0o640)
 	wait("chmod")
 	drain()
 	// Other files in the folder do not count.
@@ -264,15 +263,15 @@ func TestOpenRefusesHostileKeyring(t *testing.T) {
 		apply func(t *testing.T, path string)
 		want  string
 	}{
-		{"world-readable", func(t *testing.T, path string) { chmod(t, path, 0o644) }, "chmod 600"},
-		{"other owner", func(t *testing.T, path string) { chown(t, path, 65534) }, "belongs to uid 65534"},
-		{"world-writable folder", func(t *testing.T, path string) { chmod(t, filepath.Dir(path), 0o777) }, "writable by every user"},
-		{"group-writable folder", func(t *testing.T, path string) { chmod(t, filepath.Dir(path), 0o770) }, "writable by its group"},
-		{"FIFO", func(t *testing.T, path string) { os.Remove(path); mkfifo(t, path) }, "FIFO"},
+		{"world-readable", func(t *testing.T, path string) { testutil.Chmod(t, path, 0o644) }, "chmod 600"},
+		{"other owner", func(t *testing.T, path string) { testutil.Chown(t, path, 65534) }, "belongs to uid 65534"},
+		{"world-writable folder", func(t *testing.T, path string) { testutil.Chmod(t, filepath.Dir(path), 0o777) }, "writable by every user"},
+		{"group-writable folder", func(t *testing.T, path string) { testutil.Chmod(t, filepath.Dir(path), 0o770) }, "writable by its group"},
+		{"FIFO", func(t *testing.T, path string) { os.Remove(path); testutil.Mkfifo(t, path) }, "FIFO"},
 		{"symlink to a file of another user", func(t *testing.T, path string) {
 			other := filepath.Join(t.TempDir(), "k.json")
-			copyFile(t, path, other)
-			chown(t, other, 65534)
+			testutil.CopyFile(t, path, other)
+			testutil.Chown(t, other, 65534)
 			os.Remove(path)
 			if err := os.Symlink(other, path); err != nil {
 				t.Fatal(err)
@@ -336,27 +335,6 @@ func TestSetDisabledChecks(t *testing.T) {
 	}
 }
 
-func chmod(t *testing.T, path string, mode os.FileMode) {
-	t.Helper()
-	if err := os.Chmod(path, mode); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func chown(t *testing.T, path string, uid int) {
-	t.Helper()
-	if err := os.Chown(path, uid, uid); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func mkfifo(t *testing.T, path string) {
-	t.Helper()
-	if err := syscall.Mkfifo(path, 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
 func writeOver(t *testing.T, path string, data []byte) {
 	t.Helper()
 	tmp := path + ".new"
@@ -374,17 +352,6 @@ func mkdirOver(t *testing.T, path string) {
 		t.Fatal(err)
 	}
 	if err := os.Mkdir(path, 0o700); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func copyFile(t *testing.T, from, to string) {
-	t.Helper()
-	b, err := os.ReadFile(from)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(to, b, 0o600); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -129,8 +129,12 @@ func TestMetricsOnEveryInterfaceWarns(t *testing.T) {
 			"--listen", "unix://"+filepath.Join(dir, "kms.sock"), "--key-uri", softkeyURI(dir), "--no-state",
 			"--log-format", "text", "--metrics-addr", addr)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-		time.AfterFunc(3*time.Second, func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM) })
-		r := runCmd(t, 20*time.Second, cmd)
+		run := startCmd(t, cmd)
+		for deadline := time.Now().Add(10 * time.Second); !strings.Contains(run.stderr.String(), "msg=serving") && time.Now().Before(deadline); {
+			time.Sleep(20 * time.Millisecond)
+		}
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+		r := run.wait(t, 20*time.Second)
 		warned := strings.Contains(r.stderr, "level=WARN") && strings.Contains(r.stderr, "--metrics-addr binds a non-loopback address")
 		if warned != tc.warn || !strings.Contains(r.stderr, `msg=serving`) {
 			t.Errorf("--metrics-addr %s: warned=%v, want %v: %s", addr, warned, tc.warn, r)

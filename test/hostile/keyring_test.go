@@ -9,13 +9,26 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	kmsapi "k8s.io/kms/apis/v2"
+
+	"github.com/kubekms/kubekms/hierarchy"
+	"github.com/kubekms/kubekms/internal/testutil"
 )
 
 // Many `kubekms serve` started at one instant on a missing keyring (a
 // systemd unit and a static pod both installed; plugins sharing a keyring
 // path): exactly one keyring is created, every plugin uses it, and every
-// ciphertext any of them answered decrypts afterwards.
+// ciphertext any of them answered decrypts afterwards. A race is a matter of
+// timing: without the lock, one round of 12 lost ciphertexts in 3 of 5
+// runs, so there are three rounds.
 func TestRacingStarts(t *testing.T) {
+	for round := range 3 {
+		t.Run(fmt.Sprint("round ", round+1), raceOnce)
+	}
+}
+
+func raceOnce(t *testing.T) {
 	const n = 12
 	ring := shortDir(t)
 	uri := softkeyURI(ring)
@@ -64,18 +77,6 @@ func TestRacingStarts(t *testing.T) {
 	l.verify(t, freshServe(t, uri, nil, nil))
 }
 
-// copyFile copies a keyring file (contents and mode 0600).
-func copyFile(t *testing.T, from, to string) {
-	t.Helper()
-	b, err := os.ReadFile(from)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(to, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // newKeyring makes a keyring with `softkey rotate`... on a fresh path via
 // `serve`'s first start would be slower: `softkey list` on a missing file
 // fails, so start one serve briefly.
@@ -111,7 +112,7 @@ func TestMissingKeyringNamedByState(t *testing.T) {
 	// Another keyring in its place: refused too.
 	other := shortDir(t)
 	newKeyring(t, other)
-	copyFile(t, filepath.Join(other, "keyring.json"), keyring)
+	testutil.CopyFile(t, filepath.Join(other, "keyring.json"), keyring)
 	kubekms(t, 30*time.Second, serveArgs(dir, softkeyURI(dir))...).check(t, want{1, "data encrypted under " + ringID + " cannot be decrypted with this file"})
 
 	// Restored: it starts, and everything decrypts.
@@ -141,24 +142,24 @@ func TestKeyringRefusedAtStart(t *testing.T) {
 		setup func(t *testing.T, dir, keyring string)
 		want  string
 	}{
-		{"world-readable", func(t *testing.T, _, k string) { chmod(t, k, 0o644) }, "has mode 0644: other users can read it; chmod 600"},
-		{"group-writable", func(t *testing.T, _, k string) { chmod(t, k, 0o620) }, "other users can change it"},
-		{"owned by another user", func(t *testing.T, _, k string) { chown(t, k, otherUID) }, fmt.Sprintf("belongs to uid %d", otherUID)},
-		{"world-writable folder", func(t *testing.T, d, _ string) { chmod(t, d, 0o777) }, "keyring folder is writable by every user"},
-		{"group-writable folder", func(t *testing.T, d, _ string) { chmod(t, d, 0o770) }, "keyring folder is writable by its group"},
-		{"folder of another user", func(t *testing.T, d, _ string) { chown(t, d, otherUID) }, "keyring folder belongs to uid"},
-		{"FIFO", func(t *testing.T, _, k string) { os.Remove(k); mkfifo(t, k) }, "is a FIFO (named pipe), not a regular file"},
-		{"folder", func(t *testing.T, _, k string) { os.Remove(k); mkdir(t, k) }, "is a folder, not a regular file"},
-		{"empty", func(t *testing.T, _, k string) { write(t, k, "") }, "parse keyring"},
+		{"world-readable", func(t *testing.T, _, k string) { testutil.Chmod(t, k, 0o644) }, "has mode 0644: other users can read it; chmod 600"},
+		{"group-writable", func(t *testing.T, _, k string) { testutil.Chmod(t, k, 0o620) }, "other users can change it"},
+		{"owned by another user", func(t *testing.T, _, k string) { testutil.Chown(t, k, otherUID) }, fmt.Sprintf("belongs to uid %d", otherUID)},
+		{"world-writable folder", func(t *testing.T, d, _ string) { testutil.Chmod(t, d, 0o777) }, "keyring folder is writable by every user"},
+		{"group-writable folder", func(t *testing.T, d, _ string) { testutil.Chmod(t, d, 0o770) }, "keyring folder is writable by its group"},
+		{"folder of another user", func(t *testing.T, d, _ string) { testutil.Chown(t, d, otherUID) }, "keyring folder belongs to uid"},
+		{"FIFO", func(t *testing.T, _, k string) { os.Remove(k); testutil.Mkfifo(t, k) }, "is a FIFO (named pipe), not a regular file"},
+		{"folder", func(t *testing.T, _, k string) { os.Remove(k); testutil.Mkdir(t, k) }, "is a folder, not a regular file"},
+		{"empty", func(t *testing.T, _, k string) { testutil.WriteFile(t, k, "") }, "parse keyring"},
 		{"truncated", func(t *testing.T, _, k string) { truncate(t, k, 40) }, "parse keyring"},
-		{"garbage", func(t *testing.T, _, k string) { write(t, k, "\x00\xff not json") }, "parse keyring"},
+		{"garbage", func(t *testing.T, _, k string) { testutil.WriteFile(t, k, "\x00\xff not json") }, "parse keyring"},
 		{"no versions", func(t *testing.T, _, k string) {
-			write(t, k, `{"format":"kubekms-softkey/v1","ring_id":"x","primary":1,"versions":[]}`)
+			testutil.WriteFile(t, k, `{"format":"kubekms-softkey/v1","ring_id":"x","primary":1,"versions":[]}`)
 		}, "primary version 1 does not exist"},
 		{"symlink to another user's file", func(t *testing.T, d, k string) {
 			other := filepath.Join(d, "other.json")
-			copyFile(t, k, other)
-			chown(t, other, otherUID)
+			testutil.CopyFile(t, k, other)
+			testutil.Chown(t, other, otherUID)
 			os.Remove(k)
 			if err := os.Symlink(other, k); err != nil {
 				t.Fatal(err)
@@ -168,7 +169,7 @@ func TestKeyringRefusedAtStart(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			root := shortDir(t)
 			ringDir := filepath.Join(root, "ring")
-			mkdir(t, ringDir)
+			testutil.Mkdir(t, ringDir)
 			newKeyring(t, ringDir)
 			keyring := filepath.Join(ringDir, "keyring.json")
 			tc.setup(t, ringDir, keyring)
@@ -201,38 +202,38 @@ func TestKeyringChangedWhileRunning(t *testing.T) {
 			newKeyring(t, other)
 			replace(t, filepath.Join(other, "keyring.json"), k)
 		}, func(t *testing.T, d, k, good string) { replace(t, good, k) }, "now holds keyring"},
-		{"chmod 644", func(t *testing.T, _, k, _ string) { chmod(t, k, 0o644) },
-			func(t *testing.T, _, k, _ string) { chmod(t, k, 0o600) }, "other users can read it"},
-		{"given to another user", func(t *testing.T, _, k, _ string) { chown(t, k, otherUID) },
-			func(t *testing.T, _, k, _ string) { chown(t, k, 0) }, "belongs to uid"},
+		{"chmod 644", func(t *testing.T, _, k, _ string) { testutil.Chmod(t, k, 0o644) },
+			func(t *testing.T, _, k, _ string) { testutil.Chmod(t, k, 0o600) }, "other users can read it"},
+		{"given to another user", func(t *testing.T, _, k, _ string) { testutil.Chown(t, k, otherUID) },
+			func(t *testing.T, _, k, _ string) { testutil.Chown(t, k, 0) }, "belongs to uid"},
 		{"folder made world-writable, then another user swaps the keyring", func(t *testing.T, d, k, _ string) {
-			chmod(t, filepath.Dir(d), 0o711) // let uid 65534 reach the folder
-			chmod(t, d, 0o777)
+			testutil.Chmod(t, filepath.Dir(d), 0o711) // let uid 65534 reach the folder
+			testutil.Chmod(t, d, 0o777)
 			// uid 65534 writes its own keyring (valid, mode 0600) over ours.
 			other := shortDir(t)
 			newKeyring(t, other)
 			evil := filepath.Join(d, ".evil")
-			copyFile(t, filepath.Join(other, "keyring.json"), evil)
-			chown(t, evil, otherUID)
+			testutil.CopyFile(t, filepath.Join(other, "keyring.json"), evil)
+			testutil.Chown(t, evil, otherUID)
 			asOther(t, fmt.Sprintf("mv -f %s %s", evil, k))
 		}, func(t *testing.T, d, k, good string) {
 			replace(t, good, k)
-			chmod(t, d, 0o700)
+			testutil.Chmod(t, d, 0o700)
 		}, "writable by every user"},
 		{"replaced by garbage", func(t *testing.T, _, k, _ string) {
 			tmp := k + ".new"
-			write(t, tmp, "{")
+			testutil.WriteFile(t, tmp, "{")
 			mustRename(t, tmp, k)
 		}, func(t *testing.T, _, k, good string) { replace(t, good, k) }, "parse keyring"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			root := shortDir(t)
 			ringDir := filepath.Join(root, "ring")
-			mkdir(t, ringDir)
+			testutil.Mkdir(t, ringDir)
 			keyring := filepath.Join(ringDir, "keyring.json")
 			s := startServe(t, serveArgs(root, softkeyURI(ringDir)), nil, nil)
 			good := filepath.Join(root, "good.json")
-			copyFile(t, keyring, good)
+			testutil.CopyFile(t, keyring, good)
 			var l ledger
 			l.encrypt(s, 5)
 			goodKeyID := l.answers[0].resp.KeyId
@@ -246,7 +247,7 @@ func TestKeyringChangedWhileRunning(t *testing.T) {
 			if !strings.Contains(s.logs.String(), "REFUSED") {
 				t.Errorf("the refused keyring was not logged at level ERROR")
 			}
-			if m := s.scrape(); !strings.Contains(m, `kubekms_keyservice_calls_total{operation="probe",outcome="invalid"}`) {
+			if s.metric("kubekms_keyservice_calls_total", map[string]string{"operation": "probe", "outcome": "invalid"}) == 0 {
 				t.Errorf("the refused keyring is not counted in kubekms_keyservice_calls_total")
 			}
 
@@ -264,27 +265,63 @@ func TestKeyringChangedWhileRunning(t *testing.T) {
 	}
 }
 
-// `softkey rotate`, `disable` and `enable` reach a running serve at once (it
-// watches the keyring's folder), well within one probe interval.
+// `softkey rotate`, `disable --all` and `enable --all` reach a running
+// serve at once (it watches the keyring's folder, keyservice.Notifier), not
+// after a probe interval (here 1 h): Status shows each within 1 s (issue 9:
+// the apiserver then rotates its write seed, or lets it expire). The bound
+// asserted is generous so a loaded CI machine does not flake; the measured
+// figures are printed (docs/reliability.md).
 func TestKeyringChangeSeenAtOnce(t *testing.T) {
 	dir := shortDir(t)
-	args := append(serveArgs(dir, softkeyURI(dir)), "--probe-interval", "1h")
-	s := startServe(t, args, nil, nil)
-	before, _ := s.status()
-	kubekms(t, 20*time.Second, "softkey", "rotate", "--key-uri", softkeyURI(dir)).check(t, want{0, "primary is now"})
-	start := time.Now()
-	deadline := start.Add(5 * time.Second)
-	for {
-		st, err := s.status()
-		if err == nil && st.KeyId != before.KeyId && strings.HasSuffix(st.KeyId, ":v2") {
-			t.Logf("rotation seen by Status after %s (probe interval 1h)", time.Since(start).Round(time.Millisecond))
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("rotation not seen within 5 s with a 1 h probe interval: %+v %v", st, err)
-		}
-		time.Sleep(20 * time.Millisecond)
+	uri := softkeyURI(dir)
+	s := startServe(t, append(serveArgs(dir, uri), "--probe-interval", "1h"), nil, nil)
+	var l ledger
+	l.encrypt(s, 3)
+	first, err := s.status()
+	if err != nil {
+		t.Fatal(err)
 	}
+	ring := strings.TrimSuffix(first.KeyId, ":v1")
+	const bound = 5 * time.Second
+	for _, step := range []struct {
+		cmd     []string
+		keyID   string // Status key_id once the change is seen
+		healthy bool
+		encrypt string // gRPC code of an Encrypt afterwards
+	}{
+		{[]string{"rotate"}, ring + ":v2", true, "OK"},
+		{[]string{"disable", "--all"}, hierarchy.StoppedKeyID, false, "FailedPrecondition"},
+		{[]string{"enable", "--all"}, ring + ":v2", true, "OK"},
+	} {
+		name := "softkey " + strings.Join(step.cmd, " ")
+		// Status is polled while the command runs: the latency is from the
+		// command's start (process start, keyring lock, write, fsync) to the
+		// first Status that shows the change.
+		cmd := command(append(append([]string{"softkey"}, step.cmd...), "--key-uri", uri)...)
+		run := startCmd(t, cmd)
+		start := run.start
+		var st *kmsapi.StatusResponse
+		for {
+			st, err = s.status()
+			if err == nil && st.KeyId == step.keyID && (st.Healthz == "ok") == step.healthy {
+				break
+			}
+			if time.Since(start) > bound {
+				t.Fatalf("%s: not in Status within %s with a 1 h probe interval: %+v %v\nlogs: %s", name, bound, st, err, s.logs)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		seen := time.Since(start)
+		r := run.wait(t, 20*time.Second)
+		r.check(t, want{0, "primary"})
+		t.Logf("%s: in Status %s after the command started (the command took %s): key_id %s, healthz %q",
+			name, seen.Round(time.Millisecond), r.took.Round(time.Millisecond), st.KeyId, st.Healthz)
+		if failed := l.encrypt(s, 1); step.encrypt == "OK" && len(failed) > 0 || step.encrypt != "OK" && failed[step.encrypt] != 1 {
+			t.Errorf("%s: Encrypt afterwards: failed %v, want %s", name, failed, step.encrypt)
+		}
+	}
+	s.kill(syscall.SIGTERM)
+	l.verify(t, freshServe(t, uri, nil, nil))
 }
 
 // A state file that is not a regular file is refused at start (a FIFO
@@ -299,14 +336,14 @@ func TestStateFileHostile(t *testing.T) {
 	s.kill(syscall.SIGTERM)
 
 	os.Remove(state)
-	mkfifo(t, state)
+	testutil.Mkfifo(t, state)
 	kubekms(t, 20*time.Second, serveArgs(dir, softkeyURI(dir))...).check(t, want{1, "--state-file " + state + " is not a regular file"})
 	os.Remove(state)
-	mkdir(t, state)
+	testutil.Mkdir(t, state)
 	kubekms(t, 20*time.Second, serveArgs(dir, softkeyURI(dir))...).check(t, want{1, "is not a regular file"})
 	os.Remove(state)
 	for _, junk := range []string{"", "{", `{"key_id": 7}`, "\x00\x01garbage"} {
-		write(t, state, junk)
+		testutil.WriteFile(t, state, junk)
 		s = startServe(t, serveArgs(dir, softkeyURI(dir)), nil, nil)
 		l.encrypt(s, 2)
 		s.kill(syscall.SIGTERM)
@@ -336,41 +373,6 @@ func TestSIGTERMWhileWaitingForTheKeyringLock(t *testing.T) {
 	}
 }
 
-func chmod(t *testing.T, p string, m os.FileMode) {
-	t.Helper()
-	if err := os.Chmod(p, m); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func chown(t *testing.T, p string, uid int) {
-	t.Helper()
-	if err := os.Chown(p, uid, uid); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func mkfifo(t *testing.T, p string) {
-	t.Helper()
-	if err := syscall.Mkfifo(p, 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func mkdir(t *testing.T, p string) {
-	t.Helper()
-	if err := os.Mkdir(p, 0o700); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func write(t *testing.T, p, s string) {
-	t.Helper()
-	if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
 func truncate(t *testing.T, p string, n int64) {
 	t.Helper()
 	if err := os.Truncate(p, n); err != nil {
@@ -389,7 +391,7 @@ func mustRename(t *testing.T, from, to string) {
 func replace(t *testing.T, from, to string) {
 	t.Helper()
 	tmp := to + ".copy"
-	copyFile(t, from, tmp)
+	testutil.CopyFile(t, from, tmp)
 	mustRename(t, tmp, to)
 }
 

@@ -16,8 +16,6 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -68,6 +66,7 @@ func shortDir(t *testing.T) string {
 type result struct {
 	code           int
 	stdout, stderr string
+	took           time.Duration
 }
 
 func (r result) String() string {
@@ -107,33 +106,57 @@ func kubekms(t *testing.T, limit time.Duration, args ...string) result {
 
 func runCmd(t *testing.T, limit time.Duration, cmd *exec.Cmd) result {
 	t.Helper()
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	return startCmd(t, cmd).wait(t, limit)
+}
+
+// running is a started command whose output is collected.
+type running struct {
+	cmd            *exec.Cmd
+	start, end     time.Time // end: set when done is
+	stdout, stderr testutil.SyncBuffer
+	done           chan error
+}
+
+func startCmd(t *testing.T, cmd *exec.Cmd) *running {
+	t.Helper()
+	r := &running{cmd: cmd, done: make(chan error, 1)}
+	cmd.Stdout, cmd.Stderr = &r.stdout, &r.stderr
+	r.start = time.Now()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	go func() {
+		err := cmd.Wait()
+		r.end = time.Now()
+		r.done <- err
+	}()
+	return r
+}
+
+// wait waits for the end; more than limit since the start is a hang and
+// fails the test.
+func (r *running) wait(t *testing.T, limit time.Duration) result {
+	t.Helper()
 	var err error
 	select {
-	case err = <-done:
-	case <-time.After(limit):
-		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		<-done
-		t.Fatalf("%v hangs (killed after %s): stdout %s stderr %s", cmd.Args, limit, stdout.String(), stderr.String())
+	case err = <-r.done:
+	case <-time.After(time.Until(r.start.Add(limit))):
+		_ = syscall.Kill(-r.cmd.Process.Pid, syscall.SIGKILL)
+		<-r.done
+		t.Fatalf("%v hangs (killed after %s): stdout %s stderr %s", r.cmd.Args, limit, r.stdout.String(), r.stderr.String())
 	}
-	r := result{stdout: stdout.String(), stderr: stderr.String()}
+	res := result{stdout: r.stdout.String(), stderr: r.stderr.String(), took: r.end.Sub(r.start)}
 	var ee *exec.ExitError
 	switch {
 	case err == nil:
 	case errors.As(err, &ee) && ee.ExitCode() >= 0:
-		r.code = ee.ExitCode()
+		res.code = ee.ExitCode()
 	case errors.As(err, &ee):
-		r.code = 128 + int(ee.Sys().(syscall.WaitStatus).Signal())
+		res.code = 128 + int(ee.Sys().(syscall.WaitStatus).Signal())
 	default:
 		t.Fatal(err)
 	}
-	return r
+	return res
 }
 
 // server is a running `kubekms serve`.
@@ -261,21 +284,6 @@ func (s *server) kill(sig syscall.Signal) {
 		_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
 		<-s.done
 	}
-}
-
-// scrape returns the plugin's /metrics.
-func (s *server) scrape() string {
-	s.t.Helper()
-	resp, err := http.Get("http://" + s.metrics + "/metrics")
-	if err != nil {
-		s.t.Fatalf("metrics: %v", err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	return string(b)
 }
 
 // answer is one Encrypt the plugin answered.

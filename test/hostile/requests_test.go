@@ -4,10 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net/http"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -53,29 +50,11 @@ func backends() []backend {
 		}},
 		{"vault-standin", func(t *testing.T, dir string) deployment {
 			srv := transittest.New(t, transittest.Options{})
-			vaultPost(t, srv, "transit/keys/kek")
+			srv.RootWrite(t, "transit/keys/kek")
 			token := filepath.Join(dir, "vault-token")
-			write(t, token, srv.CreateToken(time.Hour, true))
+			testutil.WriteFile(t, token, srv.CreateToken(time.Hour, true))
 			return deployment{keyURI: fmt.Sprintf("hcvault://%s/transit/keys/kek?token-file=%s", srv.Addr(), token)}
 		}},
-	}
-}
-
-// vaultPost sends an empty POST with the stand-in's root token.
-func vaultPost(t *testing.T, srv *transittest.Server, path string) {
-	t.Helper()
-	req, err := http.NewRequest(http.MethodPost, srv.URL()+"/v1/"+path, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("X-Vault-Token", srv.RootToken())
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("POST %s: %v", path, err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode/100 != 2 {
-		t.Fatalf("POST %s: %s", path, resp.Status)
 	}
 }
 
@@ -113,7 +92,7 @@ func TestHostileRequests(t *testing.T) {
 			decrypt := func(req *kmsapi.DecryptRequest) func() error {
 				return func() error { req.Uid = "hostile"; _, err := s.kms.Decrypt(ctxT(t), req); return err }
 			}
-			before := counter(t, s, "InvalidArgument")
+			before := s.invalidArgs()
 			cases := []struct {
 				name string
 				call func() error
@@ -153,7 +132,7 @@ func TestHostileRequests(t *testing.T) {
 					invalid++
 				}
 			}
-			if got := counter(t, s, "InvalidArgument") - before; got < invalid {
+			if got := s.invalidArgs() - before; got < invalid {
 				t.Errorf("kubekms_grpc_requests_total counted %d InvalidArgument answers, want %d", got, invalid)
 			}
 			if !strings.Contains(s.logs.String(), "not a valid DecryptRequest") {
@@ -173,20 +152,8 @@ func ctxT(t *testing.T) context.Context {
 	return ctx
 }
 
-var grpcCounter = regexp.MustCompile(`(?m)^kubekms_grpc_requests_total\{code="([A-Za-z]+)",[^}]*\} ([0-9.e+]+)$`)
-
-// counter sums kubekms_grpc_requests_total for one gRPC code.
-func counter(t *testing.T, s *server, code string) int {
-	t.Helper()
-	n := 0.0
-	for _, m := range grpcCounter.FindAllStringSubmatch(s.scrape(), -1) {
-		if m[1] == code {
-			v, err := strconv.ParseFloat(m[2], 64)
-			if err != nil {
-				t.Fatal(err)
-			}
-			n += v
-		}
-	}
-	return int(n)
+// invalidArgs counts the InvalidArgument answers in kubekms_grpc_requests_total.
+func (s *server) invalidArgs() int {
+	s.t.Helper()
+	return int(s.metric("kubekms_grpc_requests_total", map[string]string{"code": "InvalidArgument"}))
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kubekms/kubekms/internal/testutil"
 	"github.com/kubekms/kubekms/snapshot/snapshottest"
 )
 
@@ -62,7 +63,7 @@ func TestSnapshotFilesHostile(t *testing.T) {
 		return b
 	}
 	fifo := filepath.Join(dir, "fifo.db")
-	mkfifo(t, fifo)
+	testutil.Mkfifo(t, fifo)
 	cases := []struct {
 		name, path, msg string
 	}{

@@ -1,6 +1,7 @@
 package hostile
 
 import (
+	"github.com/kubekms/kubekms/internal/testutil"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -44,17 +45,17 @@ func TestSocketPathHostile(t *testing.T) {
 		setup func(t *testing.T, dir, sock string) (cleanup func())
 		want  want
 	}{
-		{"a regular file", func(t *testing.T, _, sock string) func() { write(t, sock, "data"); return nil },
+		{"a regular file", func(t *testing.T, _, sock string) func() { testutil.WriteFile(t, sock, "data"); return nil },
 			want{1, "exists and is not a socket; refusing to remove it"}},
-		{"a folder", func(t *testing.T, _, sock string) func() { mkdir(t, sock); return nil },
+		{"a folder", func(t *testing.T, _, sock string) func() { testutil.Mkdir(t, sock); return nil },
 			want{1, "exists and is not a socket"}},
 		{"a live plugin", func(t *testing.T, dir, _ string) func() {
 			s := startServe(t, append(serveArgs(dir, softkeyURI(ring)), "--no-state"), nil, nil)
 			return func() { s.kill(syscall.SIGTERM) }
 		}, want{1, "another process is serving on"}},
-		{"a world-writable folder", func(t *testing.T, dir, _ string) func() { chmod(t, dir, 0o777); return nil },
+		{"a world-writable folder", func(t *testing.T, dir, _ string) func() { testutil.Chmod(t, dir, 0o777); return nil },
 			want{1, "writable by every user (mode 0777): another user could replace the socket"}},
-		{"a folder of another user", func(t *testing.T, dir, _ string) func() { chown(t, dir, otherUID); return nil },
+		{"a folder of another user", func(t *testing.T, dir, _ string) func() { testutil.Chown(t, dir, otherUID); return nil },
 			want{1, "belongs to uid 65534"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
