@@ -319,12 +319,6 @@ func (l *ledger) encrypt(s *server, n int) map[string]int {
 	return failed
 }
 
-func (l *ledger) len() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return len(l.answers)
-}
-
 // keyIDs returns the distinct key IDs of the answers.
 func (l *ledger) keyIDs() map[string]int {
 	l.mu.Lock()
@@ -384,12 +378,5 @@ func asOther(t *testing.T, script string) {
 		"sh", "-c", script).CombinedOutput()
 	if err != nil {
 		t.Fatalf("as uid %d: %s: %v: %s", otherUID, script, err, out)
-	}
-}
-
-func mustRun(t *testing.T, name string, args ...string) {
-	t.Helper()
-	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
-		t.Fatalf("%s %v: %v: %s", name, args, err, out)
 	}
 }
