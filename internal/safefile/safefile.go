@@ -1,5 +1,5 @@
 // Package safefile reads the files kubekms trusts with its keys (the softkey
-// keyring, PIN and token files, a PKCS#11 module), refusing one that another
+// keyring, a PKCS#11 PIN file and module), refusing one that another
 // user could have written or read: it must be a regular file owned by this
 // user or root, not writable by anyone else, in a folder nobody else can
 // write. Files are opened without blocking (a FIFO never hangs a reader) and

@@ -1,7 +1,7 @@
 package hostile
 
 import (
-	"fmt"
+	"encoding/json"
 	"io"
 	"os"
 	"path/filepath"
@@ -10,9 +10,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/vault/api"
+
 	"github.com/kubekms/kubekms/internal/testservers/softhsm"
+	"github.com/kubekms/kubekms/internal/testservers/vaultserver"
 	"github.com/kubekms/kubekms/internal/testutil"
-	"github.com/kubekms/kubekms/keyservice/vault/transittest"
 )
 
 // PKCS#11: the PIN file and the module are trusted like the keyring: a PIN
@@ -117,97 +119,60 @@ func copyMode(t *testing.T, from, to string, mode os.FileMode) {
 	testutil.Chmod(t, to, mode)
 }
 
-// Vault: a token file others can read or write is refused at start; one
-// replaced by such a file while serve runs is not adopted (serve goes on with
-// the token it read before) and the refusal is logged.
+// Vault (a real server): a token file others can read or write is refused
+// at start; one replaced by such a file while serve runs is not adopted
+// (serve goes on with the token it read before, and its token is never
+// used) and the refusal is logged. The other credential files (AppRole,
+// JWT, client certificate) follow the same checks in the same code
+// (keyservice/vault TestCredentialFiles).
 func TestVaultTokenFileHostile(t *testing.T) {
-	srv := transittest.New(t, transittest.Options{})
-	srv.RootWrite(t, "transit/keys/kek")
+	k := vaultserver.New(t, vaultserver.Options{}).NewTransitKey(t)
 	dir := shortDir(t)
-	token := filepath.Join(dir, "vault-token")
-	uri := fmt.Sprintf("hcvault://%s/transit/keys/kek?token-file=%s", srv.Addr(), token)
-	testutil.WriteFile(t, token, srv.CreateToken(time.Hour, true))
 	for _, tc := range []struct {
 		mode os.FileMode
 		want string
 	}{
-		{0o644, "vault token-file has mode 0644: other users can read it; chmod 640"},
-		{0o602, "vault token-file has mode 0602: other users can change it"},
+		{0o644, "vault token-file " + k.TokenFile + " has mode 0644: every user can read it; chmod 600"},
+		{0o602, "has mode 0602: other users can change it"},
 	} {
-		testutil.Chmod(t, token, tc.mode)
-		kubekms(t, 20*time.Second, append(serveArgs(dir, uri), "--no-state")...).check(t, want{1, tc.want})
+		testutil.Chmod(t, k.TokenFile, tc.mode)
+		kubekms(t, 20*time.Second, append(serveArgs(dir, k.URI()), "--no-state")...).check(t, want{1, tc.want})
 	}
-	testutil.Chmod(t, token, 0o600)
-	s := startServe(t, serveArgs(dir, uri), nil, nil)
+	testutil.Chmod(t, k.TokenFile, 0o600)
+	s := startServe(t, serveArgs(dir, k.URI()), nil, nil)
 	var l ledger
 	l.encrypt(s, 3)
-	evil := srv.CreateToken(time.Hour, true)
-	tmp := filepath.Join(dir, "evil")
-	testutil.WriteFile(t, tmp, evil)
+	// A token with a use limit: an admin lookup shows whether it was used.
+	const uses = 100
+	evil, err := k.Server.Admin(t).Auth().Token().Create(&api.TokenCreateRequest{Policies: []string{k.Policy}, TTL: "1h", NumUses: uses})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := filepath.Join(filepath.Dir(k.TokenFile), "evil")
+	testutil.WriteFile(t, tmp, evil.Auth.ClientToken)
 	testutil.Chmod(t, tmp, 0o644)
-	mustRename(t, tmp, token)
+	mustRename(t, tmp, k.TokenFile)
+	l.encrypt(s, 3) // the token file is read before every request
 	deadline := time.Now().Add(10 * time.Second)
-	for !strings.Contains(s.logs.String(), "vault token-file REFUSED") {
+	for !strings.Contains(s.logs.String(), "vault token file refused") {
 		if time.Now().After(deadline) {
 			t.Fatalf("the replaced token file was not reported: %s", s.logs)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if srv.Uses(evil) != 0 {
-		t.Fatal("the refused token file's token was used")
+	look, err := k.Server.Admin(t).Auth().Token().Lookup(evil.Auth.ClientToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := look.Data["num_uses"].(json.Number).Int64(); n != uses {
+		t.Fatalf("the refused token file's token was used: %d of %d uses left", n, uses)
 	}
 	s.waitHealthy(5 * time.Second)
-	l.encrypt(s, 3)
-	s.kill(syscall.SIGTERM)
-	testutil.Chmod(t, token, 0o600)
-	testutil.WriteFile(t, token, srv.CreateToken(time.Hour, true))
-	l.verify(t, freshServe(t, uri, nil, nil))
-}
-
-// Vault's login files: AppRole role-id and secret-id files are secrets (at
-// most group-readable), a Kubernetes jwt-file may be world-readable (the
-// kubelet projects service-account tokens 0644) but never writable by
-// others. A refused file ends serve at start with what to fix.
-func TestVaultLoginFilesHostile(t *testing.T) {
-	srv := transittest.New(t, transittest.Options{})
-	srv.RootWrite(t, "transit/keys/kek")
-	srv.AddAppRole("approle", "role-1", "secret-1", time.Hour, 24*time.Hour)
-	srv.AddKubernetesRole("kubernetes", "kubekms", "jwt-1", time.Hour, 24*time.Hour)
-	dir := shortDir(t)
-	roleID, secretID, jwt := filepath.Join(dir, "role-id"), filepath.Join(dir, "secret-id"), filepath.Join(dir, "jwt")
-	testutil.WriteFile(t, roleID, "role-1")
-	testutil.WriteFile(t, secretID, "secret-1")
-	testutil.WriteFile(t, jwt, "jwt-1")
-	approle := fmt.Sprintf("hcvault://%s/transit/keys/kek?auth=approle&role-id-file=%s&secret-id-file=%s", srv.Addr(), roleID, secretID)
-	kube := fmt.Sprintf("hcvault://%s/transit/keys/kek?auth=kubernetes&role=kubekms&jwt-file=%s", srv.Addr(), jwt)
-	for _, tc := range []struct {
-		name string
-		file string
-		mode os.FileMode
-		uri  string
-		want string // "" means serve starts
-	}{
-		{"role-id-file world-readable", roleID, 0o644, approle, "vault role-id-file has mode 0644: other users can read it; chmod 640"},
-		{"secret-id-file world-writable", secretID, 0o646, approle, "vault secret-id-file has mode 0646: other users can change it"},
-		{"approle files 0640", secretID, 0o640, approle, ""},
-		{"jwt-file world-writable", jwt, 0o666, kube, "vault jwt-file has mode 0666: other users can change it"},
-		{"jwt-file world-readable, as the kubelet projects it", jwt, 0o644, kube, ""},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			testutil.Chmod(t, tc.file, tc.mode)
-			defer testutil.Chmod(t, tc.file, 0o600)
-			sdir := shortDir(t)
-			args := append(serveArgs(sdir, tc.uri), "--no-state")
-			if tc.want != "" {
-				kubekms(t, 20*time.Second, args...).check(t, want{1, tc.want})
-				return
-			}
-			s := startServe(t, args, nil, nil)
-			var l ledger
-			if failed := l.encrypt(s, 2); len(failed) > 0 {
-				t.Fatalf("Encrypt failed: %v", failed)
-			}
-			s.kill(syscall.SIGTERM)
-		})
+	if failed := l.encrypt(s, 3); len(failed) > 0 {
+		t.Fatalf("Encrypt after the refused token file: %v", failed)
 	}
+	s.kill(syscall.SIGTERM)
+	testutil.WriteFile(t, k.TokenFile, k.NewToken(t, time.Hour, true))
+	testutil.Chmod(t, k.TokenFile, 0o600)
+	l.verify(t, freshServe(t, k.URI(), nil, nil))
 }

@@ -3,7 +3,6 @@ package hostile
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -17,8 +16,8 @@ import (
 
 	"github.com/kubekms/kubekms/internal/testservers/localkms"
 	"github.com/kubekms/kubekms/internal/testservers/softhsm"
+	"github.com/kubekms/kubekms/internal/testservers/vaultserver"
 	"github.com/kubekms/kubekms/internal/testutil"
-	"github.com/kubekms/kubekms/keyservice/vault/transittest"
 )
 
 // deployment is how serve runs on one key service.
@@ -48,12 +47,8 @@ func backends() []backend {
 			return deployment{keyURI: "awskms:///alias/hostile?endpoint=" + srv.Forward(t),
 				env: localkms.ClientEnv(filepath.Join(dir, "no-aws-config")), flags: []string{"--cluster-name", "hostile"}}
 		}},
-		{"vault-standin", func(t *testing.T, dir string) deployment {
-			srv := transittest.New(t, transittest.Options{})
-			srv.RootWrite(t, "transit/keys/kek")
-			token := filepath.Join(dir, "vault-token")
-			testutil.WriteFile(t, token, srv.CreateToken(time.Hour, true))
-			return deployment{keyURI: fmt.Sprintf("hcvault://%s/transit/keys/kek?token-file=%s", srv.Addr(), token)}
+		{"vault", func(t *testing.T, _ string) deployment {
+			return deployment{keyURI: vaultserver.New(t, vaultserver.Options{}).NewTransitKey(t).URI()}
 		}},
 	}
 }
