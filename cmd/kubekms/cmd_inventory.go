@@ -42,7 +42,7 @@ func (f *etcdFlags) add(cmd *cobra.Command, live bool) {
 		cmd.Flags().StringVar(&f.cacert, "cacert", "", "CA bundle to verify etcd's certificate")
 		cmd.Flags().StringVar(&f.cert, "cert", "", "client certificate for etcd")
 		cmd.Flags().StringVar(&f.key, "key", "", "client key for etcd")
-		cmd.Flags().IntVar(&f.pageSize, "page-size", snapshot.DefaultPageSize, "keys per range read on a live etcd")
+		intVar(cmd.Flags(), &f.pageSize, "page-size", snapshot.DefaultPageSize, 1, 1<<20, "keys per range read on a live etcd")
 	}
 	cmd.Flags().StringVar(&f.prefix, "prefix", inventory.RegistryPrefix, "kube-apiserver's etcd prefix (--etcd-prefix, with a trailing /)")
 }

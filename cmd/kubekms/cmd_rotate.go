@@ -72,6 +72,9 @@ Exit code 0 when done, 2 when refused or not converged in time (rerun later), 1 
 			if output != "text" && output != "json" {
 				return fmt.Errorf("-o %q: want text or json", output)
 			}
+			if qps < 0 {
+				return fmt.Errorf("--qps %v: want >= 0", qps)
+			}
 			if len(etcd.endpoints) == 0 {
 				return errors.New("--etcd-endpoints is required: the rotation finds and checks stale objects in etcd")
 			}
@@ -132,15 +135,15 @@ Exit code 0 when done, 2 when refused or not converged in time (rerun later), 1 
 	fl.StringVar(&etcd.cert, "cert", "", "client certificate for etcd")
 	fl.StringVar(&etcd.key, "key", "", "client key for etcd")
 	fl.StringVar(&etcd.prefix, "prefix", inventory.RegistryPrefix, "kube-apiserver's etcd prefix (--etcd-prefix, with a trailing /)")
-	fl.IntVar(&etcd.pageSize, "page-size", snapshot.DefaultPageSize, "keys per range read on etcd")
+	intVar(fl, &etcd.pageSize, "page-size", snapshot.DefaultPageSize, 1, 1<<20, "keys per range read on etcd")
 	fl.StringSliceVar(&resources, "resources", nil, "resources to migrate and verify (default: every resource with encrypted objects in etcd)")
 	fl.BoolVar(&force, "force", false, "rotate although objects are still stale from an earlier rotation")
-	fl.DurationVar(&callTimeout, "timeout", 3*time.Second, "per-call timeout for the plugins")
-	fl.DurationVar(&rotationTimeout, "rotation-timeout", time.Hour, "how long to wait for the operator's rotation of a remote key")
-	fl.DurationVar(&convergenceTimeout, "convergence-timeout", 5*time.Minute, "how long to wait for the plugins, then for the apiservers, to use the new key_id")
-	fl.DurationVar(&retireAfter, "retire-old-after", 0, "softkey: disable the old version this long after the verification (0: keep it)")
+	durationVar(fl, &callTimeout, "timeout", 3*time.Second, "per-call timeout for the plugins")
+	durationVar(fl, &rotationTimeout, "rotation-timeout", time.Hour, "how long to wait for the operator's rotation of a remote key")
+	durationVar(fl, &convergenceTimeout, "convergence-timeout", 5*time.Minute, "how long to wait for the plugins, then for the apiservers, to use the new key_id")
+	optionalDurationVar(fl, &retireAfter, "retire-old-after", 0, "softkey: disable the old version this long after the verification (0: keep it)")
 	fl.Float64Var(&qps, "qps", 50, "API requests per second while migrating (0: no limit)")
-	fl.IntVar(&concurrency, "concurrency", 4, "objects rewritten at once")
+	intVar(fl, &concurrency, "concurrency", 4, 1, 1024, "objects rewritten at once")
 	fl.StringVarP(&output, "output", "o", "text", "output: text or json")
 	return cmd
 }

@@ -11,22 +11,28 @@ import (
 // Flags whose values are checked when they are parsed, so a bad value ends
 // the command with a clear message before it does anything.
 
-// positiveDuration is a duration flag that must be > 0.
-type positiveDuration struct{ p *time.Duration }
+// checkedDuration is a duration flag that must be > 0 (or >= 0 with zeroOK).
+type checkedDuration struct {
+	p      *time.Duration
+	zeroOK bool
+}
 
-func (d positiveDuration) String() string {
+func (d checkedDuration) String() string {
 	if d.p == nil {
 		return "0s"
 	}
 	return d.p.String()
 }
-func (d positiveDuration) Type() string { return "duration" }
-func (d positiveDuration) Set(s string) error {
+func (d checkedDuration) Type() string { return "duration" }
+func (d checkedDuration) Set(s string) error {
 	v, err := time.ParseDuration(s)
 	if err != nil {
 		return fmt.Errorf("want a duration like 30s or 5m")
 	}
-	if v <= 0 {
+	if v < 0 || v == 0 && !d.zeroOK {
+		if d.zeroOK {
+			return fmt.Errorf("want a duration >= 0")
+		}
 		return fmt.Errorf("want a duration > 0")
 	}
 	*d.p = v
@@ -36,7 +42,13 @@ func (d positiveDuration) Set(s string) error {
 // durationVar defines a duration flag that must be > 0.
 func durationVar(fl *pflag.FlagSet, p *time.Duration, name string, value time.Duration, usage string) {
 	*p = value
-	fl.Var(positiveDuration{p}, name, usage)
+	fl.Var(checkedDuration{p: p}, name, usage)
+}
+
+// optionalDurationVar defines a duration flag that must be >= 0 (0: off).
+func optionalDurationVar(fl *pflag.FlagSet, p *time.Duration, name string, value time.Duration, usage string) {
+	*p = value
+	fl.Var(checkedDuration{p: p, zeroOK: true}, name, usage)
 }
 
 // rangedInt is an integer flag within [lo, hi].
@@ -74,14 +86,4 @@ func intVar(fl *pflag.FlagSet, p *int, name string, value, lo, hi int, usage str
 func uint64Var(fl *pflag.FlagSet, p *uint64, name string, value, lo, hi uint64, usage string) {
 	*p = value
 	fl.Var(rangedInt[uint64]{p, lo, hi}, name, usage)
-}
-
-// oneOf checks a string flag against its allowed values.
-func oneOf(flag, value string, allowed ...string) error {
-	for _, a := range allowed {
-		if value == a {
-			return nil
-		}
-	}
-	return fmt.Errorf("--%s %q: want one of %v", flag, value, allowed)
 }

@@ -38,7 +38,7 @@ func (f *readerFlags) add(cmd *cobra.Command, pluginUsage string) {
 	fl.StringVar(&f.encryptionConfig, "encryption-config", "", "kube-apiserver's EncryptionConfiguration file: read every provider in it (aescbc, aesgcm, secretbox, identity, KMS v1/v2) with the apiserver's own transformers")
 	fl.StringVar(&f.clusterName, "cluster-name", "", "with --key-uri: the plugin's --cluster-name (bound into wrapped keys by pkcs11 and awskms)")
 	fl.StringVar(&f.keyIDSuffix, "key-id-suffix", "", "with --key-uri: the plugin's --key-id-suffix")
-	fl.DurationVar(&f.timeout, "timeout", kmsclient.DefaultTimeout, "per-call timeout for the plugin")
+	durationVar(fl, &f.timeout, "timeout", kmsclient.DefaultTimeout, "per-call timeout for the plugin")
 }
 
 // providerName is a KMS provider name before "=" in NAME=VALUE; a key URI

@@ -167,7 +167,7 @@ one after another each can read what the others write, because all hold the new 
 			return nil
 		},
 	}
-	promote.Flags().IntVar(&version, "version", 0, "the version to make primary")
+	intVar(promote.Flags(), &version, "version", 0, 1, 1<<30, "the version to make primary")
 	return []*cobra.Command{fingerprint, export, imp, stage, promote}
 }
 

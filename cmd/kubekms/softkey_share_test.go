@@ -8,7 +8,7 @@ import (
 	"github.com/kubekms/kubekms/keyservice/softkey"
 )
 
-func run(t *testing.T, args ...string) (string, error) {
+func runCLI(t *testing.T, args ...string) (string, error) {
 	t.Helper()
 	cmd := newRootCmd()
 	var out strings.Builder
@@ -24,18 +24,18 @@ func run(t *testing.T, args ...string) (string, error) {
 func TestSoftkeyShareCommands(t *testing.T) {
 	dir := t.TempDir()
 	a, b := "softkey://"+filepath.Join(dir, "a.json"), "softkey://"+filepath.Join(dir, "b.json")
-	if _, err := run(t, "softkey", "list", "--key-uri", a); err == nil {
+	if _, err := runCLI(t, "softkey", "list", "--key-uri", a); err == nil {
 		t.Fatal("list of a missing keyring succeeded")
 	}
 	mustRun := func(args ...string) string {
 		t.Helper()
-		out, err := run(t, args...)
+		out, err := runCLI(t, args...)
 		if err != nil {
 			t.Fatalf("kubekms %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
 		return out
 	}
-	if _, err := run(t, "softkey", "stage", "--key-uri", a); err == nil {
+	if _, err := runCLI(t, "softkey", "stage", "--key-uri", a); err == nil {
 		t.Fatal("stage on a missing keyring succeeded")
 	}
 	if _, err := softkey.Create(filepath.Join(dir, "a.json")); err != nil {
@@ -47,10 +47,10 @@ func TestSoftkeyShareCommands(t *testing.T) {
 	if !strings.Contains(out, fp(a)) {
 		t.Errorf("export does not print the fingerprint: %s", out)
 	}
-	if _, err := run(t, "softkey", "export", "--key-uri", a, "--to", export); err == nil {
+	if _, err := runCLI(t, "softkey", "export", "--key-uri", a, "--to", export); err == nil {
 		t.Error("export over an existing file succeeded")
 	}
-	if _, err := run(t, "softkey", "import", "--key-uri", b, "--from", export, "--expect-fingerprint", strings.Repeat("0", 32)); err == nil ||
+	if _, err := runCLI(t, "softkey", "import", "--key-uri", b, "--from", export, "--expect-fingerprint", strings.Repeat("0", 32)); err == nil ||
 		!strings.Contains(err.Error(), "not the keyring you exported") {
 		t.Errorf("import with a wrong expected fingerprint: %v", err)
 	}

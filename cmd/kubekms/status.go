@@ -68,7 +68,7 @@ is older than 20 s. Exit code 0 when every apiserver writes under the same key_i
 	}
 	fl := cmd.Flags()
 	addPluginFlag(cmd, &plugins, []string{defaultListen()}, "KMS v2 plugin endpoint(s): unix:///path.sock (with --cluster: those whose key_ids to show readable)")
-	fl.DurationVar(&timeout, "timeout", kmsclient.DefaultTimeout, "per-call timeout (the apiserver's default is 3s)")
+	durationVar(fl, &timeout, "timeout", kmsclient.DefaultTimeout, "per-call timeout (the apiserver's default is 3s)")
 	fl.BoolVar(&noRoundTrip, "status-only", false, "only call Status (no Encrypt/Decrypt)")
 	fl.StringVarP(&output, "output", "o", "text", "output: text or json")
 	fl.BoolVar(&cluster, "cluster", false, "report which key_id every kube-apiserver writes under, and whether they agree")
