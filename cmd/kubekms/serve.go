@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
@@ -58,8 +57,8 @@ serve refuses to start without it (restore it, or pass --new-keyring to start a 
 	fl.StringVar(&f.socketGroup, "socket-group", "", "group (name or gid) owning the socket file")
 	fl.BoolVar(&f.allowInsecureDir, "allow-insecure-socket-dir", false, "start even if the socket's folder is writable by other users")
 	fl.StringVar(&f.keyURI, "key-uri", defaultKeyURI(), "remote key service holding the key-encrypting key (softkey:///abs/path.json, ...)")
-	fl.StringVar(&f.stateFile, "state-file", filepath.Join(defaultStateDir(), "local-kek-state.json"),
-		"file keeping the wrapped current local KEK across restarts (saves remote calls)")
+	fl.StringVar(&f.stateFile, "state-file", "",
+		"file keeping the wrapped current local KEK across restarts (saves remote calls); default: beside a softkey keyring, else in the user's state folder, else none")
 	fl.BoolVar(&f.noState, "no-state", false, "keep no local KEK state across restarts")
 	fl.StringVar(&f.clusterName, "cluster-name", "", "cluster name, bound into wrapped keys where the key service supports it")
 	fl.StringVar(&f.keyIDSuffix, "key-id-suffix", "", "suffix for key IDs of key services with invisible rotation (AWS KMS)")
@@ -89,6 +88,9 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 	if err != nil {
 		return err
 	}
+	if f.keyURI == "" {
+		return errNoKeyURI
+	}
 	mode, err := strconv.ParseUint(f.socketMode, 8, 32)
 	if err != nil || mode > 0o777 {
 		return fmt.Errorf("--socket-mode %q: want an octal mode like 0600", f.socketMode)
@@ -113,10 +115,16 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 			return fmt.Errorf("--otlp-endpoint %q: want host:port: %w", f.otlpEndpoint, err)
 		}
 	}
-	useState := !f.noState && f.stateFile != ""
+	stateFile := f.stateFile
+	if stateFile == "" && !f.noState {
+		if stateFile = currentUser().stateFile(f.keyURI); stateFile == "" {
+			log.Info("keeping no local KEK state across restarts: no --state-file and no state folder of this user's")
+		}
+	}
+	useState := !f.noState && stateFile != ""
 	var prior *hierarchy.State
 	if useState {
-		if prior, err = readState(ctx, f.stateFile, log); err != nil {
+		if prior, err = readState(ctx, stateFile, log); err != nil {
 			return err
 		}
 	}
@@ -126,7 +134,7 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 
 	opts := keyservice.Options{Logger: log, ClusterName: f.clusterName, KeyIDSuffix: f.keyIDSuffix, NewKey: f.newKeyring}
 	if prior != nil {
-		opts.PriorKeyID, opts.PriorKeyIDFrom = prior.KeyID, f.stateFile
+		opts.PriorKeyID, opts.PriorKeyIDFrom = prior.KeyID, stateFile
 	}
 	svc, err := newRegistry().Open(ctx, f.keyURI, opts)
 	if err != nil {
@@ -154,7 +162,7 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 	cfg := f.hier
 	cfg.Logger, cfg.Metrics, cfg.Tracer = log, m, tracer
 	if useState {
-		cfg.State = hierarchy.FileState{Path: f.stateFile}
+		cfg.State = hierarchy.FileState{Path: stateFile}
 	}
 	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	h, err := hierarchy.New(startCtx, svc, cfg)

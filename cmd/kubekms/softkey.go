@@ -22,7 +22,12 @@ func newSoftkeyCmd() *cobra.Command {
 		},
 	}
 	cmd.PersistentFlags().StringVar(&uri, "key-uri", defaultKeyURI(), "keyring: softkey:///abs/path.json")
-	path := func() (string, error) { return softkey.ParseURI(uri) }
+	path := func() (string, error) {
+		if uri == "" {
+			return "", errNoKeyURI
+		}
+		return softkey.ParseURI(uri)
+	}
 
 	var all bool
 	var version int
