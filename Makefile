@@ -12,7 +12,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 RACE_PKGS := ./hierarchy/... ./plugin/... ./keyservice/... ./envelope/ ./migrate/ ./snapshot/ ./inventory/ ./cmd/kubekms/
 FUZZTIME ?= 10s
 
-.PHONY: all build run deps vault test unit lint e2e e2e-revocation e2e-vault e2e-ha bench fuzz image clean
+.PHONY: all build run deps vault test unit lint e2e e2e-revocation e2e-vault e2e-ha bench fuzz image clean manifests
 
 all: build
 
@@ -96,3 +96,7 @@ image:
 
 clean:
 	rm -rf bin
+
+## manifests: render deploy/ from manifests/templates with the defaults (`kubekms manifests`).
+manifests:
+	$(GO) run ./cmd/kubekms manifests --out deploy

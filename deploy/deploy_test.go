@@ -11,6 +11,7 @@ package deploy
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -32,6 +33,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
+	"k8s.io/apimachinery/pkg/util/strategicpatch"
 	"k8s.io/apiserver/pkg/apis/apiserver"
 	"k8s.io/apiserver/pkg/apis/apiserver/install"
 	apiserverv1 "k8s.io/apiserver/pkg/apis/apiserver/v1"
@@ -46,19 +48,22 @@ import (
 )
 
 const (
-	staticPodFile   = "static-pod.yaml"
-	apiserverFile   = "kube-apiserver-patch.yaml"
-	encryptionFile  = "encryption-config.yaml"
-	unitFile        = "kubekms.service"
-	tmpfilesFile    = "kubekms.tmpfiles.conf"
-	alertsFile      = "alerts.yaml"
-	alertsTestFile  = "alerts-test.yaml"
-	operationsDoc   = "../docs/operations.md"
-	providerName    = "kubekms"
-	kubekmsBinPath  = "/usr/local/bin/kubekms"
-	rootlessUID     = 20000 // a kube-apiserver run as non-root, given the socket's group
-	outsiderUID     = 20001 // any other local user
-	startupDeadline = 60 * time.Second
+	staticPodFile     = "static-pod.yaml"
+	apiserverFile     = "kube-apiserver-patch.yaml"
+	encryptionFile    = "encryption-config.yaml"
+	unitFile          = "kubekms.service"
+	tmpfilesFile      = "kubekms.tmpfiles.conf"
+	alertsFile        = "alerts.yaml"
+	alertsTestFile    = "alerts-test.yaml"
+	operationsDoc     = "../docs/operations.md"
+	kubeadmPatchFile  = "kubeadm-patches/kube-apiserver+strategic.yaml"
+	kubeadmConfigFile = "kubeadm-config.yaml"
+	livenessPath      = "/livez?exclude=kms-providers" // kube-apiserver's probes: all but the KMS check
+	providerName      = "kubekms"
+	kubekmsBinPath    = "/usr/local/bin/kubekms"
+	rootlessUID       = 20000 // a kube-apiserver run as non-root, given the socket's group
+	outsiderUID       = 20001 // any other local user
+	startupDeadline   = 60 * time.Second
 )
 
 // --- the kubekms binary and its flags -----------------------------------------------
@@ -300,6 +305,11 @@ func TestStaticPod(t *testing.T) {
 		t.Errorf("namespace %q, hostNetwork %v, priorityClassName %q: want kube-system, true, system-node-critical",
 			pod.Namespace, spec.HostNetwork, spec.PriorityClassName)
 	}
+	if spec.HostNetwork && len(c.Ports) > 0 {
+		// Meaningless with the node's network, and refused by runtimes that map ports
+		// (podman kube play: "PortMappings can only be used with Bridge or slirp4netns networking").
+		t.Errorf("hostNetwork pod declares ports %+v: drop the ports block", c.Ports)
+	}
 	if spec.DNSPolicy != corev1.DNSDefault {
 		t.Errorf("dnsPolicy %q: want Default (cluster DNS needs the apiserver, which needs kubekms)", spec.DNSPolicy)
 	}
@@ -435,6 +445,85 @@ func TestAPIServerPatch(t *testing.T) {
 	ec := decodeEncryptionConfig(t)
 	if got := socketPath(t, encryptionFile, ec.Resources[0].Providers[0].KMS.Endpoint); got != sp.sock {
 		t.Errorf("%s endpoint %s, but the static pod listens on %s", encryptionFile, got, sp.sock)
+	}
+	// kubelet must not restart the apiserver for a KMS outage: liveness and startup
+	// exclude the KMS check; readiness (if the patch touches it) keeps it.
+	for name, p := range map[string]*corev1.Probe{"livenessProbe": c.LivenessProbe, "startupProbe": c.StartupProbe} {
+		if p == nil || p.HTTPGet == nil || p.HTTPGet.Path != livenessPath {
+			t.Errorf("kube-apiserver %s: want httpGet path %s, got %+v", name, livenessPath, p)
+		}
+	}
+	if p := c.ReadinessProbe; p != nil && (p.HTTPGet == nil || p.HTTPGet.Path != "/readyz") {
+		t.Errorf("kube-apiserver readinessProbe %+v: keep /readyz, which includes the KMS check", p)
+	}
+}
+
+// TestKubeadmPatch applies kubeadm-patches/kube-apiserver+strategic.yaml the way
+// kubeadm does (a strategic merge patch) to the probes kubeadm writes, and reads
+// kubeadm-config.yaml: the flag and mounts must be those of the hand-merge patch.
+func TestKubeadmPatch(t *testing.T) {
+	kubeadmPod := []byte(`{"apiVersion":"v1","kind":"Pod","metadata":{"name":"kube-apiserver","namespace":"kube-system"},
+"spec":{"containers":[{"name":"kube-apiserver","command":["kube-apiserver","--secure-port=6443"],
+"livenessProbe":{"httpGet":{"host":"10.0.0.1","path":"/livez","port":6443,"scheme":"HTTPS"},"failureThreshold":8},
+"readinessProbe":{"httpGet":{"host":"10.0.0.1","path":"/readyz","port":6443,"scheme":"HTTPS"}},
+"startupProbe":{"httpGet":{"host":"10.0.0.1","path":"/livez","port":6443,"scheme":"HTTPS"},"failureThreshold":24}}]}}`)
+	patch, err := yaml.YAMLToJSON(readFile(t, kubeadmPatchFile))
+	if err != nil {
+		t.Fatalf("%s: %v", kubeadmPatchFile, err)
+	}
+	merged, err := strategicpatch.StrategicMergePatch(kubeadmPod, patch, corev1.Pod{})
+	if err != nil {
+		t.Fatalf("strategic merge of %s: %v", kubeadmPatchFile, err)
+	}
+	var pod corev1.Pod
+	if err := json.Unmarshal(merged, &pod); err != nil {
+		t.Fatal(err)
+	}
+	c := container(t, &pod, "kube-apiserver")
+	for name, p := range map[string]*corev1.Probe{"livenessProbe": c.LivenessProbe, "startupProbe": c.StartupProbe} {
+		g := p.HTTPGet
+		if g.Path != livenessPath || g.Host != "10.0.0.1" || g.Port.IntValue() != 6443 || g.Scheme != corev1.URISchemeHTTPS {
+			t.Errorf("%s after the patch: %+v, want kubeadm's host, port and scheme with path %s", name, g, livenessPath)
+		}
+	}
+	if c.ReadinessProbe.HTTPGet.Path != "/readyz" || !slices.Equal(c.Command, []string{"kube-apiserver", "--secure-port=6443"}) {
+		t.Errorf("the patch must leave readiness and the command alone: %+v %q", c.ReadinessProbe.HTTPGet, c.Command)
+	}
+
+	var cfg struct {
+		APIVersion string `json:"apiVersion"`
+		Kind       string `json:"kind"`
+		APIServer  struct {
+			ExtraArgs    []struct{ Name, Value string } `json:"extraArgs"`
+			ExtraVolumes []struct {
+				Name, HostPath, MountPath, PathType string
+				ReadOnly                            bool
+			} `json:"extraVolumes"`
+		} `json:"apiServer"`
+	}
+	if err := yaml.UnmarshalStrict(readFile(t, kubeadmConfigFile), &cfg); err != nil {
+		t.Fatalf("%s: %v", kubeadmConfigFile, err)
+	}
+	if cfg.APIVersion != "kubeadm.k8s.io/v1beta4" || cfg.Kind != "ClusterConfiguration" {
+		t.Errorf("%s: %s/%s, want kubeadm.k8s.io/v1beta4 ClusterConfiguration", kubeadmConfigFile, cfg.APIVersion, cfg.Kind)
+	}
+	hand := container(t, decodePod(t, apiserverFile), "kube-apiserver")
+	for _, a := range cfg.APIServer.ExtraArgs {
+		if !slices.Contains(hand.Command, "--"+a.Name+"="+a.Value) {
+			t.Errorf("%s: extraArg %s=%s is not in %s", kubeadmConfigFile, a.Name, a.Value, apiserverFile)
+		}
+	}
+	if len(cfg.APIServer.ExtraArgs) == 0 {
+		t.Errorf("%s: no extraArgs", kubeadmConfigFile)
+	}
+	for _, v := range cfg.APIServer.ExtraVolumes {
+		hp, m := hostPathAt(decodePod(t, apiserverFile), hand, v.MountPath)
+		if hp == nil || hp.Path != v.HostPath || !v.ReadOnly || !m.ReadOnly {
+			t.Errorf("%s: extraVolume %+v differs from %s's mount", kubeadmConfigFile, v, apiserverFile)
+		}
+	}
+	if len(cfg.APIServer.ExtraVolumes) != len(hand.VolumeMounts) {
+		t.Errorf("%s has %d extraVolumes, %s %d mounts", kubeadmConfigFile, len(cfg.APIServer.ExtraVolumes), apiserverFile, len(hand.VolumeMounts))
 	}
 }
 

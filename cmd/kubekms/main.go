@@ -55,6 +55,7 @@ func newRootCmd() *cobra.Command {
 	}
 	root.AddCommand(newServeCmd(), newSoftkeyCmd(), newStatusCmd(), newInventoryCmd(), newDecryptCmd(), newMigrateCmd())
 	root.AddCommand(newRotateCmd())
+	root.AddCommand(newManifestsCmd())
 	return root
 }
 
