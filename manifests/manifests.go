@@ -150,7 +150,7 @@ type data struct {
 	Options
 	Listen, SocketDir, HostSocketDir, KeyURI, StateFile string
 	MetricsHost, MetricsPort, EncConfigDir, Timeout     string
-	RuntimeDirectory, StateDirectory, LivenessPath     string
+	RuntimeDirectory, StateDirectory, LivenessPath      string
 	APIServerArgs                                       []Arg
 	APIServerFlags                                      []string
 	APIServerFiles                                      string
