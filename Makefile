@@ -12,7 +12,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 RACE_PKGS := ./hierarchy/... ./plugin/... ./keyservice/... ./envelope/ ./migrate/ ./snapshot/ ./inventory/ ./cmd/kubekms/
 FUZZTIME ?= 10s
 
-.PHONY: all build run deps vault test unit lint e2e e2e-revocation e2e-vault e2e-ha bench fuzz image clean manifests
+.PHONY: all build run deps vault test unit lint e2e e2e-revocation e2e-vault e2e-ha bench fuzz image clean manifests image-test static-pod-test release
 
 all: build
 
@@ -88,14 +88,31 @@ bench: deps
 fuzz:
 	hack/fuzz.sh $(FUZZTIME)
 
-CONTAINER_TOOL ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
-IMAGE ?= kubekms:$(VERSION)
-## image: build the container image (needs podman or docker with an engine; this project's machines have none).
+IMAGE ?= localhost/kubekms:$(VERSION)
+## image: build the container image from the Containerfile with podman (hack/install-podman.sh
+## installs and configures it); without a reachable registry the base images are made locally.
 image:
-	$(CONTAINER_TOOL) build -f Containerfile --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+	IMAGE=$(IMAGE) VERSION=$(VERSION) hack/image.sh
+
+IMAGE_TEST = KUBEKMS_IMAGE=$(IMAGE) KUBEKMS_REQUIRE_REAL=1 $(GO) test -tags image -count=1 -v -timeout 15m ./test/image/
+## image-test: run the image (after `make image`) as the static pod's uid with --network none, and
+## the conformance checks against its socket from the host.
+image-test:
+	$(IMAGE_TEST) -run 'TestImage'
+
+## static-pod-test: run the rendered static pod with `podman kube play` (after `make image`) and check
+## what it promises: uid, read-only root, no capabilities, the socket, the probes, conformance.
+static-pod-test:
+	hack/install-deploy-tools.sh
+	$(IMAGE_TEST) -run 'TestStaticPod'
+
+## release: static and cgo binaries for linux/amd64 and arm64, SBOMs, the image as an OCI archive,
+## SHA256SUMS, in dist/.
+release:
+	VERSION=$(VERSION) IMAGE=$(IMAGE) hack/release.sh
 
 clean:
-	rm -rf bin
+	rm -rf bin dist
 
 ## manifests: render deploy/ from manifests/templates with the defaults (`kubekms manifests`).
 manifests:

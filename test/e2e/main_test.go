@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/kubekms/kubekms/internal/testutil"
+	"github.com/kubekms/kubekms/manifests"
 	"github.com/kubekms/kubekms/test/e2e/cluster"
 )
 
@@ -109,14 +110,33 @@ func startKMSClusterOn(ctx context.Context, t *testing.T, b binaries, keyURI str
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &kmsCluster{etcd: etcd, plugin: plugin, api: api,
-		opts: cluster.StartOptions{EncryptionConfig: cluster.EncryptionConfig(cluster.KMSv2("kubekms", plugin.Endpoint()), cluster.Identity)}}
+	c := &kmsCluster{etcd: etcd, plugin: plugin, api: api, opts: renderedOptions(t, plugin)}
 	c.ready, err = api.Start(ctx, c.opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("cluster up: etcd %s, kubekms %s, kube-apiserver %s ready in %s", etcd.Endpoint, plugin.Socket, api.Config.Host, c.ready.Round(time.Millisecond))
 	return c
+}
+
+// renderedOptions starts kube-apiserver with what `kubekms manifests` renders
+// for this plugin's socket (the EncryptionConfiguration and the apiserver's
+// flags), so that what we ship is what the suite tests. ConfigMaps are
+// encrypted too (--resources secrets,configmaps).
+func renderedOptions(t *testing.T, plugin *cluster.Plugin) cluster.StartOptions {
+	t.Helper()
+	dep, err := manifests.Render(manifests.Options{
+		Socket:    plugin.Socket,
+		Resources: []string{"secrets", "configmaps"},
+		EncConfig: filepath.Join(t.TempDir(), "encryption-config.yaml"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dep.Options.EncConfig, dep.EncryptionConfig(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return cluster.StartOptions{ExtraArgs: dep.APIServerFlags()}
 }
 
 func randomHex(t *testing.T, n int) string {
