@@ -276,8 +276,8 @@ func TestStaticPod(t *testing.T) {
 	pid := run(t, podman, "inspect", "-f", "{{.State.Pid}}", ctr)
 	st := procStatus(t, pid)
 	want := map[string]string{
-		"Uid": fmt.Sprintf("%d\t%d\t%d\t%d", o.UID, o.UID, o.UID, o.UID),
-		"Gid": fmt.Sprintf("%d\t%d\t%d\t%d", o.GID, o.GID, o.GID, o.GID),
+		"Uid":    fmt.Sprintf("%d\t%d\t%d\t%d", o.UID, o.UID, o.UID, o.UID),
+		"Gid":    fmt.Sprintf("%d\t%d\t%d\t%d", o.GID, o.GID, o.GID, o.GID),
 		"CapInh": "0000000000000000", "CapPrm": "0000000000000000", "CapEff": "0000000000000000",
 		"CapBnd": "0000000000000000", "CapAmb": "0000000000000000",
 		"NoNewPrivs": "1", "Seccomp": "2",
