@@ -2,8 +2,8 @@
 # `make release`: the release artifacts in dist/ (override with DIST=):
 #   kubekms-$VERSION-linux-{amd64,arm64}          cgo (PKCS#11 support), dynamically linked against glibc
 #   kubekms-$VERSION-linux-{amd64,arm64}-static   CGO_ENABLED=0 (no PKCS#11), runs anywhere
-#   kubekms-$VERSION-linux-*.cdx.json             CycloneDX SBOM of each binary's module graph
-#                                                 (cyclonedx-gomod app, with the build's GOARCH/CGO_ENABLED)
+#   kubekms-$VERSION-linux-*.cdx.json             CycloneDX SBOM of each binary's module graph, read
+#                                                 from the build info Go puts into it (cyclonedx-gomod bin)
 #   kubekms-$VERSION-image.oci.tar                the container image (`make image`), an OCI archive
 #   SHA256SUMS                                    sha256sum of every file above
 # The arm64 cgo build needs a cross compiler: Debian's gcc-aarch64-linux-gnu (installed here as root).
@@ -57,7 +57,7 @@ for arch in amd64 arm64; do
     fi
     start=$SECONDS
     env "${env[@]}" nice -n 10 "$GO" build -trimpath -ldflags "-s -w -X main.version=$VERSION" -o "$DIST/$name" ./cmd/kubekms
-    env "${env[@]}" "$GO" run "$CYCLONEDX" app -json -licenses -main cmd/kubekms -output "$DIST/$name.cdx.json" . 2>/dev/null
+    "$GO" run "$CYCLONEDX" bin -json -std -version "$VERSION" -output "$DIST/$name.cdx.json" "$DIST/$name"
     echo "release: $name ($(du -h "$DIST/$name" | cut -f1), $((SECONDS - start)) s) + SBOM" >&2
   done
 done
