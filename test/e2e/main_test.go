@@ -110,7 +110,7 @@ func startKMSClusterOn(ctx context.Context, t *testing.T, b binaries, keyURI str
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &kmsCluster{etcd: etcd, plugin: plugin, api: api, opts: renderedOptions(t, plugin)}
+	c := &kmsCluster{etcd: etcd, plugin: plugin, api: api, opts: renderedOptions(t, plugin, "secrets", "configmaps")}
 	c.ready, err = api.Start(ctx, c.opts)
 	if err != nil {
 		t.Fatal(err)
@@ -120,14 +120,13 @@ func startKMSClusterOn(ctx context.Context, t *testing.T, b binaries, keyURI str
 }
 
 // renderedOptions starts kube-apiserver with what `kubekms manifests` renders
-// for this plugin's socket (the EncryptionConfiguration and the apiserver's
-// flags), so that what we ship is what the suite tests. ConfigMaps are
-// encrypted too (--resources secrets,configmaps).
-func renderedOptions(t *testing.T, plugin *cluster.Plugin) cluster.StartOptions {
+// for this plugin's socket and resources (the EncryptionConfiguration and the
+// apiserver's flags), so that what we ship is what the suite tests.
+func renderedOptions(t *testing.T, plugin *cluster.Plugin, resources ...string) cluster.StartOptions {
 	t.Helper()
 	dep, err := manifests.Render(manifests.Options{
 		Socket:    plugin.Socket,
-		Resources: []string{"secrets", "configmaps"},
+		Resources: resources,
 		EncConfig: filepath.Join(t.TempDir(), "encryption-config.yaml"),
 	})
 	if err != nil {

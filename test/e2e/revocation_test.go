@@ -53,12 +53,6 @@ func TestRevocation(t *testing.T) {
 	}
 }
 
-// secretsOnly encrypts Secrets only, so an apiserver started while the key is
-// revoked still finishes its own start-up writes (ConfigMaps in kube-system).
-func secretsOnly(providers ...cluster.Provider) string {
-	return strings.Replace(cluster.EncryptionConfig(providers...), "  - secrets\n  - configmaps\n", "  - secrets\n", 1)
-}
-
 // startCluster starts etcd, the plugin p (already configured) and an
 // apiserver using it, with a "kubelet" that asks /readyz every second as
 // kubeadm's readiness probe does (each ask may run the KMS check, cached
@@ -77,7 +71,9 @@ func startCluster(ctx context.Context, t *testing.T, b binaries, p *cluster.Plug
 		t.Fatal(err)
 	}
 	c := &kmsCluster{etcd: etcd, plugin: p, api: api,
-		opts: cluster.StartOptions{EncryptionConfig: secretsOnly(cluster.KMSv2("kubekms", p.Endpoint()), cluster.Identity)}}
+		// Secrets only, so an apiserver started while the key is revoked still
+		// finishes its own start-up writes (ConfigMaps in kube-system).
+		opts: renderedOptions(t, p, "secrets")}
 	if c.ready, err = api.Start(ctx, c.opts); err != nil {
 		t.Fatal(err)
 	}

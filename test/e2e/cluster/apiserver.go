@@ -287,25 +287,3 @@ func EncryptionConfig(providers ...Provider) string {
 	}
 	return b.String()
 }
-
-// Get sends GET path (e.g. "/livez?exclude=kms-providers") with the admin
-// token and returns the status code and body.
-func (a *APIServer) Get(ctx context.Context, path string) (int, string, error) {
-	hc := &http.Client{
-		Timeout:   10 * time.Second,
-		Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}, // loopback, self-signed
-	}
-	defer hc.CloseIdleConnections()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.Config.Host+path, nil)
-	if err != nil {
-		return 0, "", err
-	}
-	req.Header.Set("Authorization", "Bearer "+a.token)
-	resp, err := hc.Do(req)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	return resp.StatusCode, string(body), err
-}
