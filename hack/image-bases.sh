@@ -9,12 +9,15 @@
 # Builder and runtime are the same Debian release (bookworm, the host's), as
 # the Containerfile's header asks: the cgo binary needs the glibc it linked.
 #
-# The debootstrap rootfs is cached as a tarball in $KUBEKMS_CACHE/images
-# (made once, ~1 min); the images are made from it when podman lacks them.
-# Versioned: change BASES_VERSION when what goes into an image changes.
+# The Debian rootfs (mmdebstrap) is cached as a tarball in
+# $KUBEKMS_CACHE/images (made once, ~1 min); the images are made from it when
+# podman lacks them (~30 s). Versioned: change BASES_VERSION when what goes
+# into an image changes. The tarball is not refreshed by itself: for newer
+# Debian security updates, delete it and the localhost/kubekms-{builder,base,
+# static} images.
 set -euo pipefail
 
-BASES_VERSION=1
+BASES_VERSION=2
 SUITE=bookworm
 PODMAN=${KUBEKMS_PODMAN:-podman}
 CACHE=${KUBEKMS_CACHE:-$HOME/.cache/kubekms}/images
@@ -29,30 +32,47 @@ rootfs_tar=$CACHE/$SUITE-minbase-$arch-v$BASES_VERSION.tar
 
 log() { echo "image-bases: $*" >&2; }
 
+# Scratch folders under $CACHE, removed however the script ends.
+scratch=()
+trap 'rm -rf "${scratch[@]}"' EXIT
+scratch_dir() { mktemp -d "$CACHE/$1.XXXXXX"; }
+
 have() { "$PODMAN" image exists "$1"; }
 
-# mirror: the Debian mirror apt already uses (debootstrap's default otherwise).
-mirror() {
+# debian_uri KIND: the Debian archive ("debian") or security archive
+# ("debian-security") that apt uses on this host, so that a machine that
+# reaches only its own mirror works; deb.debian.org otherwise.
+debian_uri() {
   local m
   m=$(grep -hsE '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources |
-    grep -v security | sed -E 's/^URIs: *//; s/^deb +(\[[^]]*\] +)?//' | awk '{print $1; exit}')
-  echo "${m:-}"
+    sed -E 's/^URIs: *//; s/^deb +(\[[^]]*\] +)?//' | awk '{print $1}' | grep -m1 -E "/$1/?\$" || true)
+  echo "${m:-http://deb.debian.org/$1}"
 }
 
+# make_rootfs: Debian $SUITE minbase with gcc, libc6-dev and CA certificates,
+# with the suite's security and stable updates, as a tarball. mmdebstrap (not
+# debootstrap): apt resolves and downloads in parallel, measured 46 s here
+# against debootstrap's 164 s for the same packages, it writes the tarball
+# itself, and it runs without root too (unshare mode). The merged-usr hook
+# gives bookworm's merged /usr without the usrmerge package (and perl).
+# Documentation is left out (dpkg path-exclude), copyright files kept.
 make_rootfs() {
   [[ -s $rootfs_tar ]] && return
-  command -v debootstrap >/dev/null || { log "needs debootstrap: hack/install-podman.sh installs it"; exit 1; }
+  command -v mmdebstrap >/dev/null || { log "needs mmdebstrap: hack/install-podman.sh installs it"; exit 1; }
   mkdir -p "$CACHE"
-  local dir start=$SECONDS
-  dir=$(mktemp -d "$CACHE/rootfs.XXXXXX")
-  trap 'rm -rf "$dir"' RETURN
-  log "debootstrap --variant=minbase $SUITE (gcc, libc6-dev, ca-certificates)"
-  # shellcheck disable=SC2046
-  debootstrap --variant=minbase --include=gcc,libc6-dev,ca-certificates "$SUITE" "$dir/root" $(mirror) \
-    >"$dir/debootstrap.log" 2>&1 || { tail -20 "$dir/debootstrap.log" >&2; exit 1; }
-  rm -rf "$dir/root/var/cache/apt/archives/"*.deb "$dir/root/var/lib/apt/lists/"*
-  tar -C "$dir/root" --numeric-owner -cf "$rootfs_tar.tmp" .
-  mv "$rootfs_tar.tmp" "$rootfs_tar"
+  local dir start=$SECONDS main security
+  dir=$(scratch_dir rootfs) && scratch+=("$dir")
+  main=$(debian_uri debian) security=$(debian_uri debian-security)
+  log "mmdebstrap --variant=minbase $SUITE from $main and $security (gcc, libc6-dev, ca-certificates)"
+  mmdebstrap --quiet --variant=minbase --format=tar \
+    --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
+    --include=gcc,libc6-dev,ca-certificates \
+    --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+    "$SUITE" "$dir/rootfs.tar" \
+    "deb $main $SUITE main" "deb $main $SUITE-updates main" "deb $security $SUITE-security main" \
+    >"$dir/mmdebstrap.log" 2>&1 || { tail -20 "$dir/mmdebstrap.log" >&2; exit 1; }
+  mv "$dir/rootfs.tar" "$rootfs_tar"
   log "rootfs cached: $rootfs_tar ($(du -h "$rootfs_tar" | cut -f1), $((SECONDS - start)) s)"
 }
 
@@ -61,7 +81,7 @@ make_rootfs() {
 # (65532), /tmp. No shell, no package manager.
 runtime_tree() {
   local out=$1 libc=$2 src
-  src=$(mktemp -d "$CACHE/src.XXXXXX")
+  src=$(scratch_dir src) && scratch+=("$src")
   tar -C "$src" -xf "$rootfs_tar"
   mkdir -p "$out"/{etc/ssl/certs,tmp,home/nonroot,usr/lib}
   chmod 1777 "$out/tmp"
@@ -106,7 +126,7 @@ fi
 for spec in "$base yes" "$static no"; do
   read -r img libc <<<"$spec"
   have "$img" && continue
-  tree=$(mktemp -d "$CACHE/tree.XXXXXX")
+  tree=$(scratch_dir tree) && scratch+=("$tree")
   runtime_tree "$tree" "$libc"
   import_tree "$tree" "$img"
   rm -rf "$tree"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs podman (Debian's package, with runc, catatonit for pods, and debootstrap for the local
+# Installs podman (Debian's package, with runc, catatonit for pods, and mmdebstrap for the local
 # base images of hack/image-bases.sh) and writes the few containers.conf
 # settings this host needs, as a drop-in that leaves the rest of podman's
 # configuration alone:
@@ -20,7 +20,7 @@ if [[ -z "${KUBEKMS_PODMAN:-}" ]]; then
   need=()
   command -v podman >/dev/null || need+=(podman)
   command -v runc >/dev/null || need+=(runc)
-  command -v debootstrap >/dev/null || need+=(debootstrap)
+  command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
   # pods (kube play) need an infra container: podman builds its pause image from catatonit
   [[ -x /usr/libexec/podman/catatonit || -x /usr/bin/catatonit ]] || need+=(catatonit)
   if ((${#need[@]})); then

@@ -5,7 +5,6 @@ package e2e
 import (
 	"context"
 	"net/http"
-	"strings"
 	"testing"
 	"time"
 
@@ -48,7 +47,7 @@ func TestLivenessExcludesKMS(t *testing.T) {
 			t.Fatalf("GET %s: %v", path, err)
 		}
 		if code != http.StatusOK {
-			t.Logf("GET %s: %d %s", path, code, failedLines(body))
+			t.Logf("GET %s: %d %s", path, code, firstFailing(body))
 		}
 		return code
 	}
@@ -106,15 +105,4 @@ func TestLivenessExcludesKMS(t *testing.T) {
 		time.Sleep(500 * time.Millisecond)
 	}
 	t.Logf("MEASURED plugin restarted: /readyz 200 again after %s (no apiserver restart)", time.Since(restarted).Round(100*time.Millisecond))
-}
-
-// failedLines keeps the failing checks ("[-]...") of a health answer.
-func failedLines(body string) []string {
-	var bad []string
-	for _, l := range strings.Split(body, "\n") {
-		if strings.HasPrefix(l, "[-]") {
-			bad = append(bad, l)
-		}
-	}
-	return bad
 }
