@@ -5,6 +5,7 @@ package e2e
 import (
 	"context"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -78,6 +79,20 @@ func TestLivenessExcludesKMS(t *testing.T) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+	// The exclusion names the check that fails: /readyz with the same query
+	// answers 200 and says it left kms-providers out (a misspelt name would
+	// only earn a "cannot be excluded" warning).
+	_, query, ok := strings.Cut(live, "?")
+	if !ok {
+		t.Fatalf("liveness path %q excludes nothing", live)
+	}
+	if code, body, err := c.api.Get(ctx, "/readyz?"+query+"&verbose"); err != nil || code != http.StatusOK ||
+		!strings.Contains(body, "[+]kms-providers excluded: ok") {
+		t.Fatalf("/readyz?%s with the plugin stopped: %d %v\n%s", query, code, err, body)
+	}
+	if _, body, err := c.api.Get(ctx, live+"&verbose"); err == nil {
+		t.Logf("MEASURED %s&verbose with the plugin stopped: %s", live, firstWarning(body))
+	}
 	// And for a while after: the exclusion holds for the whole outage.
 	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(time.Second) {
 		if code := get(live); code != http.StatusOK {
@@ -105,4 +120,14 @@ func TestLivenessExcludesKMS(t *testing.T) {
 		time.Sleep(500 * time.Millisecond)
 	}
 	t.Logf("MEASURED plugin restarted: /readyz 200 again after %s (no apiserver restart)", time.Since(restarted).Round(100*time.Millisecond))
+}
+
+// firstWarning returns the "warn:" line of a verbose health answer, or "no warning".
+func firstWarning(body string) string {
+	for _, l := range strings.Split(body, "\n") {
+		if strings.HasPrefix(l, "warn:") {
+			return l
+		}
+	}
+	return "no warning"
 }
