@@ -97,14 +97,14 @@ image:
 	IMAGE=$(IMAGE) VERSION=$(VERSION) hack/image.sh
 
 IMAGE_TEST = KUBEKMS_IMAGE=$(IMAGE) KUBEKMS_REQUIRE_REAL=1 $(GO) test -tags image -count=1 -v -timeout 15m ./test/image/
-## image-test: run the image (after `make image`) as the static pod's uid with --network none, and
-## the conformance checks against its socket from the host.
-image-test:
+## image-test: run the image (built first: `make image`) as the static pod's uid with --network none,
+## and the conformance checks against its socket from the host.
+image-test: image
 	$(IMAGE_TEST) -run 'TestImage'
 
-## static-pod-test: run the rendered static pod with `podman kube play` (after `make image`) and check
+## static-pod-test: run the rendered static pod with `podman kube play` (image built first) and check
 ## what it promises: uid, read-only root, no capabilities, the socket, the probes, conformance.
-static-pod-test:
+static-pod-test: image
 	hack/install-deploy-tools.sh
 	$(IMAGE_TEST) -run 'TestStaticPod'
 

@@ -81,3 +81,7 @@ var errNoKeyURI = errors.New("--key-uri is required: there is no folder for the 
 
 func defaultListen() string { return currentUser().listen() }
 func defaultKeyURI() string { return currentUser().keyURI() }
+
+// defaultStateDir is the user's state folder, or "" without one (then files
+// named relative to it, such as rotate's progress, go to the current folder).
+func defaultStateDir() string { return currentUser().stateDir() }

@@ -39,7 +39,7 @@ func Run(t *testing.T, endpoint, provider, kubekms string) {
 func statusCommand(t *testing.T, endpoint, kubekms string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, kubekms, "status", "--endpoint", endpoint, "-o", "json").Output()
+	out, err := exec.CommandContext(ctx, kubekms, "status", "--plugin", endpoint, "-o", "json").Output()
 	var rep struct {
 		Healthz  string   `json:"healthz"`
 		KeyID    string   `json:"key_id"`

@@ -4,7 +4,8 @@
 // as the static pod's uid with --network none, and the rendered static pod
 // with `podman kube play`, and runs the conformance checks
 // (internal/conformance) against their sockets from the host. `make
-// image-test` builds the image and sets KUBEKMS_IMAGE.
+// image-test` and `make static-pod-test` build the image (`make image`, a
+// few seconds when nothing changed) and set KUBEKMS_IMAGE.
 package image
 
 import (
@@ -56,8 +57,8 @@ func run(t *testing.T, name string, args ...string) string {
 	return strings.TrimSpace(string(out))
 }
 
-// hostFolders makes the static pod's folders under a new temporary root, as
-// the rendered tmpfiles entries say, and returns the root.
+// hostRoot makes a new temporary root for a test's host folders (removed
+// after the test) and returns it.
 func hostRoot(t *testing.T) string {
 	t.Helper()
 	root, err := os.MkdirTemp("", "kkimg") // short: unix socket paths are limited to 108 bytes
@@ -71,6 +72,8 @@ func hostRoot(t *testing.T) string {
 	return root
 }
 
+// tmpfiles makes the static pod's folders under root as the rendered
+// tmpfiles entries say, with systemd-tmpfiles.
 func tmpfiles(t *testing.T, d *manifests.Deployment, root string) {
 	t.Helper()
 	tf := testutil.Binary(t, "KUBEKMS_SYSTEMD_TMPFILES", "systemd-tmpfiles")
