@@ -21,6 +21,7 @@ import (
 	"github.com/kubekms/kubekms/hierarchy"
 	"github.com/kubekms/kubekms/internal/metrics"
 	"github.com/kubekms/kubekms/keyservice"
+	"github.com/kubekms/kubekms/keyservice/opaqueid"
 	"github.com/kubekms/kubekms/plugin"
 )
 
@@ -29,6 +30,7 @@ type serveFlags struct {
 	allowInsecureDir                bool
 	keyURI, stateFile, clusterName  string
 	keyIDSuffix                     string
+	opaqueKeyIDSecret               string
 	hier                            hierarchy.Config
 	metricsAddr                     string
 	otlpEndpoint                    string
@@ -62,6 +64,7 @@ serve refuses to start without it (restore it, or pass --new-keyring to start a 
 	fl.BoolVar(&f.noState, "no-state", false, "keep no local KEK state across restarts")
 	fl.StringVar(&f.clusterName, "cluster-name", "", "cluster name, bound into wrapped keys where the key service supports it")
 	fl.StringVar(&f.keyIDSuffix, "key-id-suffix", "", "suffix for key IDs of key services with invisible rotation (AWS KMS)")
+	fl.StringVar(&f.opaqueKeyIDSecret, "opaque-key-ids", "", "secret file (32+ bytes): store opaque key IDs instead of the key service's own (ARNs, resource names, token serials)")
 	// Bounds: --max-uses at most 2^30 seals per local KEK (far below the 2^32
 	// random-nonce limit of AES-GCM); the rest must be positive.
 	uint64Var(fl, &f.hier.MaxUses, "max-uses", 1<<21, 1, 1<<30, "seeds sealed by one local KEK before a new one is made")
@@ -151,6 +154,15 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 			}
 			return -1
 		}))
+	}
+
+	if f.opaqueKeyIDSecret != "" {
+		codec, err := opaqueid.ReadSecretFile(f.opaqueKeyIDSecret)
+		if err != nil {
+			return err
+		}
+		// After the TokenTTL check above: the wrapper hides backend extras.
+		svc = opaqueid.Wrap(svc, codec)
 	}
 
 	tracer, stopTracing, err := newTracer(ctx, f.otlpEndpoint, f.otlpInsecure)
