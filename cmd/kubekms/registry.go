@@ -3,6 +3,7 @@ package main
 import (
 	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/keyservice/awskms"
+	"github.com/kubekms/kubekms/keyservice/gcpkms"
 	"github.com/kubekms/kubekms/keyservice/softkey"
 	"github.com/kubekms/kubekms/keyservice/vault"
 )
@@ -13,6 +14,7 @@ func newRegistry() *keyservice.Registry {
 	r.Register(softkey.Scheme, softkey.Open)
 	registerPKCS11(r)
 	r.Register(awskms.Scheme, awskms.Open)
+	r.Register(gcpkms.Scheme, gcpkms.Open)
 	for _, s := range vault.Schemes() {
 		r.Register(s, vault.Open)
 	}
