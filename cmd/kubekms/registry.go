@@ -3,6 +3,7 @@ package main
 import (
 	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/keyservice/awskms"
+	"github.com/kubekms/kubekms/keyservice/azurekv"
 	"github.com/kubekms/kubekms/keyservice/gcpkms"
 	"github.com/kubekms/kubekms/keyservice/softkey"
 	"github.com/kubekms/kubekms/keyservice/vault"
@@ -15,6 +16,7 @@ func newRegistry() *keyservice.Registry {
 	registerPKCS11(r)
 	r.Register(awskms.Scheme, awskms.Open)
 	r.Register(gcpkms.Scheme, gcpkms.Open)
+	r.Register(azurekv.Scheme, azurekv.Open)
 	for _, s := range vault.Schemes() {
 		r.Register(s, vault.Open)
 	}
