@@ -56,6 +56,7 @@ func newRootCmd() *cobra.Command {
 	root.AddCommand(newServeCmd(), newSoftkeyCmd(), newStatusCmd(), newInventoryCmd(), newDecryptCmd(), newMigrateCmd())
 	root.AddCommand(newRotateCmd())
 	root.AddCommand(newManifestsCmd())
+	root.AddCommand(newTPMCmd())
 	return root
 }
 

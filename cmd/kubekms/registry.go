@@ -6,6 +6,7 @@ import (
 	"github.com/kubekms/kubekms/keyservice/azurekv"
 	"github.com/kubekms/kubekms/keyservice/gcpkms"
 	"github.com/kubekms/kubekms/keyservice/softkey"
+	"github.com/kubekms/kubekms/keyservice/tpm"
 	"github.com/kubekms/kubekms/keyservice/vault"
 )
 
@@ -17,6 +18,7 @@ func newRegistry() *keyservice.Registry {
 	r.Register(awskms.Scheme, awskms.Open)
 	r.Register(gcpkms.Scheme, gcpkms.Open)
 	r.Register(azurekv.Scheme, azurekv.Open)
+	r.Register(tpm.Scheme, tpm.Open)
 	for _, s := range vault.Schemes() {
 		r.Register(s, vault.Open)
 	}

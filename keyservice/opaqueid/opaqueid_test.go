@@ -215,5 +215,5 @@ type notifier struct {
 	ch chan struct{}
 }
 
-func (n notifier) Changed() <-chan struct{} { return n.ch }
+func (n notifier) Changed() <-chan struct{}                 { return n.ch }
 func (n notifier) CheckKeyID(context.Context, string) error { return nil }
