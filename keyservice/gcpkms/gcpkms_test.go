@@ -17,7 +17,6 @@ import (
 	"cloud.google.com/go/kms/apiv1/kmspb"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/types/known/fieldmaskpb"
 
 	"github.com/kubekms/kubekms/hierarchy/hierarchytest"
 	"github.com/kubekms/kubekms/internal/testservers/gcpkms"
@@ -50,39 +49,12 @@ func openService(t testing.TB, srv *gcpkms.Server, cluster string) *service {
 }
 
 func setState(t *testing.T, srv *gcpkms.Server, version string, st kmspb.CryptoKeyVersion_CryptoKeyVersionState) {
-	t.Helper()
-	_, err := srv.AdminClient(t).UpdateCryptoKeyVersion(testCtx(t), &kmspb.UpdateCryptoKeyVersionRequest{
-		CryptoKeyVersion: &kmspb.CryptoKeyVersion{Name: version, State: st},
-		UpdateMask:       &fieldmaskpb.FieldMask{Paths: []string{"state"}},
-	})
-	if err != nil {
-		t.Fatalf("UpdateCryptoKeyVersion %s: %v", st, err)
-	}
+	srv.SetState(t, version, st)
 }
 
-func primary(t *testing.T, srv *gcpkms.Server) string {
-	t.Helper()
-	ck, err := srv.AdminClient(t).GetCryptoKey(testCtx(t), &kmspb.GetCryptoKeyRequest{Name: gcpkms.KeyName(keyShort)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ck.GetPrimary().GetName()
-}
+func primary(t *testing.T, srv *gcpkms.Server) string { return srv.Primary(t, keyShort) }
 
-// rotate is a Cloud KMS rotation: a new version, made primary.
-func rotate(t *testing.T, srv *gcpkms.Server) string {
-	t.Helper()
-	admin := srv.AdminClient(t)
-	v, err := admin.CreateCryptoKeyVersion(testCtx(t), &kmspb.CreateCryptoKeyVersionRequest{Parent: gcpkms.KeyName(keyShort), CryptoKeyVersion: &kmspb.CryptoKeyVersion{}})
-	if err != nil {
-		t.Fatalf("CreateCryptoKeyVersion: %v", err)
-	}
-	id := v.GetName()[strings.LastIndex(v.GetName(), "/")+1:]
-	if _, err := admin.UpdateCryptoKeyPrimaryVersion(testCtx(t), &kmspb.UpdateCryptoKeyPrimaryVersionRequest{Name: gcpkms.KeyName(keyShort), CryptoKeyVersionId: id}); err != nil {
-		t.Fatalf("UpdateCryptoKeyPrimaryVersion: %v", err)
-	}
-	return v.GetName()
-}
+func rotate(t *testing.T, srv *gcpkms.Server) string { return srv.Rotate(t, keyShort) }
 
 func harness(srv *gcpkms.Server) keyservicetest.Harness {
 	return keyservicetest.Harness{

@@ -37,6 +37,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/fieldmaskpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
@@ -497,3 +498,47 @@ func (h *handler) Decrypt(_ context.Context, r *kmspb.DecryptRequest) (*kmspb.De
 
 // String names the stand-in in test logs.
 func (s *Server) String() string { return fmt.Sprintf("stand-in Cloud KMS on %s", s.addr) }
+
+// Rotate is a Cloud KMS rotation through the official client: a new
+// version of the seeded key short, made primary. It returns the version.
+func (s *Server) Rotate(t testing.TB, short string) string {
+	t.Helper()
+	admin := s.AdminClient(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	v, err := admin.CreateCryptoKeyVersion(ctx, &kmspb.CreateCryptoKeyVersionRequest{Parent: KeyName(short), CryptoKeyVersion: &kmspb.CryptoKeyVersion{}})
+	if err != nil {
+		t.Fatalf("CreateCryptoKeyVersion: %v", err)
+	}
+	id := v.GetName()[strings.LastIndex(v.GetName(), "/")+1:]
+	if _, err := admin.UpdateCryptoKeyPrimaryVersion(ctx, &kmspb.UpdateCryptoKeyPrimaryVersionRequest{Name: KeyName(short), CryptoKeyVersionId: id}); err != nil {
+		t.Fatalf("UpdateCryptoKeyPrimaryVersion: %v", err)
+	}
+	return v.GetName()
+}
+
+// Primary returns the primary version of the seeded key short.
+func (s *Server) Primary(t testing.TB, short string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ck, err := s.AdminClient(t).GetCryptoKey(ctx, &kmspb.GetCryptoKeyRequest{Name: KeyName(short)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ck.GetPrimary().GetName()
+}
+
+// SetState enables or disables a version through the official client.
+func (s *Server) SetState(t testing.TB, version string, st kmspb.CryptoKeyVersion_CryptoKeyVersionState) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := s.AdminClient(t).UpdateCryptoKeyVersion(ctx, &kmspb.UpdateCryptoKeyVersionRequest{
+		CryptoKeyVersion: &kmspb.CryptoKeyVersion{Name: version, State: st},
+		UpdateMask:       &fieldmaskpb.FieldMask{Paths: []string{"state"}},
+	})
+	if err != nil {
+		t.Fatalf("UpdateCryptoKeyVersion %s: %v", st, err)
+	}
+}
