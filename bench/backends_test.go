@@ -18,9 +18,14 @@ package bench
 //
 // Backends: softkey (embedded keyring file), pkcs11 (real SoftHSM2), awskms
 // (real local-kms, reached through a loopback forwarder into its private
-// network namespace: one extra loopback hop per request) and vault (a real
+// network namespace: one extra loopback hop per request), vault (a real
 // Vault v1.21.0 server with file storage on 127.0.0.1, plain http, token
-// auth, audit log on: what a default production Vault does per request).
+// auth, audit log on: what a default production Vault does per request),
+// gcpkms-standin (internal/testservers/gcpkms, a STAND-IN Cloud KMS gRPC
+// server on 127.0.0.1 reached by the official client), azurekv-standin and
+// azurehsm-standin (the Azure SDK's in-process fake transport with real
+// RSA-OAEP-256 / AES key wrap: no network at all, so only the SDK's
+// serialization is measured) and tpm (a real swtpm on a unix socket).
 
 import (
 	"context"
@@ -32,14 +37,20 @@ import (
 	"time"
 
 	"github.com/kubekms/kubekms/hierarchy"
+	azurekvserver "github.com/kubekms/kubekms/internal/testservers/azurekv"
+	gcpkmsserver "github.com/kubekms/kubekms/internal/testservers/gcpkms"
 	"github.com/kubekms/kubekms/internal/testservers/localkms"
 	"github.com/kubekms/kubekms/internal/testservers/softhsm"
+	"github.com/kubekms/kubekms/internal/testservers/swtpm"
 	"github.com/kubekms/kubekms/internal/testservers/vaultserver"
 	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/keyservice/awskms"
+	"github.com/kubekms/kubekms/keyservice/azurekv"
+	"github.com/kubekms/kubekms/keyservice/gcpkms"
 	"github.com/kubekms/kubekms/keyservice/keyservicetest"
 	"github.com/kubekms/kubekms/keyservice/pkcs11"
 	"github.com/kubekms/kubekms/keyservice/softkey"
+	"github.com/kubekms/kubekms/keyservice/tpm"
 	"github.com/kubekms/kubekms/keyservice/vault"
 )
 
@@ -59,6 +70,10 @@ func benchBackends() []benchBackend {
 		{"pkcs11", openPKCS11},
 		{"awskms", openAWSKMS},
 		{"vault", openVault},
+		{"gcpkms-standin", openGCPKMSStandIn},
+		{"azurekv-standin", func(b *testing.B) keyservice.Service { return openAzureStandIn(b, false) }},
+		{"azurehsm-standin", func(b *testing.B) keyservice.Service { return openAzureStandIn(b, true) }},
+		{"tpm", openTPM},
 	}
 }
 
@@ -109,6 +124,31 @@ func openAWSKMS(b *testing.B) keyservice.Service {
 func openVault(b *testing.B) keyservice.Service {
 	k := vaultserver.New(b, vaultserver.Options{}).NewTransitKey(b)
 	return mustOpen(b, vault.Open, k.URI(), keyservice.Options{})
+}
+
+func openGCPKMSStandIn(b *testing.B) keyservice.Service {
+	srv := gcpkmsserver.Start(b, "kek")
+	return mustOpen(b, gcpkms.Open, "gcpkms:///"+gcpkmsserver.KeyName("kek")+"?endpoint="+srv.Endpoint(), keyservice.Options{ClusterName: "bench"})
+}
+
+func openAzureStandIn(b *testing.B, hsm bool) keyservice.Service {
+	srv := azurekvserver.Start(b, hsm, "kek")
+	svc, err := azurekv.OpenWith("azurekv://"+strings.TrimPrefix(srv.URL, "https://")+"/keys/kek",
+		keyservice.Options{ClusterName: "bench"}, azurekvserver.Credential(), srv.Transport())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = svc.Close() })
+	return svc
+}
+
+func openTPM(b *testing.B) keyservice.Service {
+	tp := swtpm.Start(b)
+	uri := "tpm://" + tp.Socket() + "?handle=0x81000100&pcrs=7"
+	if _, err := tpm.Provision(benchCtx(b), uri, "bench"); err != nil {
+		b.Fatal(err)
+	}
+	return mustOpen(b, tpm.Open, uri, keyservice.Options{ClusterName: "bench"})
 }
 
 func newHierarchy(b *testing.B, svc keyservice.Service, cfg hierarchy.Config) *hierarchy.Hierarchy {

@@ -90,8 +90,18 @@ func credential(u KeyURI) (azcore.TokenCredential, error) {
 	}
 }
 
-// open builds the service; transport, when set, replaces the HTTP client
-// (the tests' fake server).
+// OpenWith opens the key named by uri with the caller's credential and,
+// when transport is set, HTTP transport (a proxy client, or the SDK's fake
+// server in tests and benchmarks).
+func OpenWith(uri string, opts keyservice.Options, cred azcore.TokenCredential, transport policy.Transporter) (keyservice.Service, error) {
+	u, err := ParseURI(uri)
+	if err != nil {
+		return nil, err
+	}
+	return open(u, opts, cred, transport)
+}
+
+// open builds the service; transport, when set, replaces the HTTP client.
 func open(u KeyURI, opts keyservice.Options, cred azcore.TokenCredential, transport policy.Transporter) (*service, error) {
 	if opts.ClusterName == "" {
 		return nil, errors.New("azurekv needs a cluster name: it is bound into every wrapped key")
