@@ -221,11 +221,17 @@ func (s *service) encode(op, vendorID string) (string, error) {
 	return id, nil
 }
 
+// decode returns the vendor ID for a key ID given back by the hierarchy. A
+// key ID without the opaque prefix was stored before opaque IDs were turned
+// on and goes to the backend as it is (the backend checks its own IDs); an
+// opaque one that fails authentication (another secret, tampered) is
+// refused.
 func (s *service) decode(op, keyID string) (string, error) {
+	if !strings.HasPrefix(keyID, Prefix) {
+		return keyID, nil
+	}
 	id, err := s.codec.Decode(keyID)
 	if err != nil {
-		// A key ID of another secret or a readable one from before opaque
-		// IDs were turned on: not this service's input.
 		return "", keyservice.Invalid(op, fmt.Errorf("key ID: %w", err))
 	}
 	return id, nil

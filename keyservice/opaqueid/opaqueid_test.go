@@ -187,9 +187,14 @@ func TestKeyIDsAreOpaque(t *testing.T) {
 	if c.Name(res.KeyID) != vendor {
 		t.Fatalf("Name(%q) = %q, want %q", res.KeyID, c.Name(res.KeyID), vendor)
 	}
-	// The readable vendor ID is not accepted in place of the opaque one.
-	if _, err := svc.Unwrap(ctx, vendor, res.Wrapped); keyservice.Classify(err) != keyservice.ClassInvalid {
-		t.Fatalf("Unwrap with the vendor ID: %v, want invalid", err)
+	// A readable key ID (stored before opaque IDs were turned on) still
+	// unwraps; an opaque ID of another secret does not.
+	if _, err := svc.Unwrap(ctx, vendor, res.Wrapped); err != nil {
+		t.Fatalf("Unwrap with the readable key ID of an older value: %v", err)
+	}
+	foreign, _ := codec(t, bytes.Repeat([]byte("t"), 32)).Encode(vendor)
+	if _, err := svc.Unwrap(ctx, foreign, res.Wrapped); keyservice.Classify(err) != keyservice.ClassInvalid {
+		t.Fatalf("Unwrap with another secret's opaque ID: %v, want invalid", err)
 	}
 	if _, ok := svc.(keyservice.VersionChecker); !ok {
 		t.Fatal("softkey's VersionChecker is not forwarded")
