@@ -23,9 +23,10 @@ build:
 run: build
 	./$(BIN) serve --log-format text
 
-## deps: install the real parts the unit tests use (SoftHSM2, local-kms, etcd, Vault, promtool, systemd tools, strace).
+## deps: install the real parts the unit tests use (SoftHSM2, swtpm + tpm2-tools, local-kms, etcd, Vault, promtool, systemd tools, strace).
 deps: vault
 	hack/install-softhsm.sh
+	hack/install-swtpm.sh
 	hack/install-local-kms.sh
 	hack/cluster-bins.sh etcd
 	hack/install-deploy-tools.sh

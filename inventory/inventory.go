@@ -41,6 +41,28 @@ type Report struct {
 	ReadWith  string           `json:"readWith,omitempty"`
 	Totals    Counts           `json:"totals"`
 	Resources []*ResourceStats `json:"resources"`
+	// KeyNames maps key_ids to readable names where they differ (opaque key
+	// IDs resolved with the plugin's secret; see NameKeyIDs).
+	KeyNames map[string]string `json:"keyNames,omitempty"`
+}
+
+// NameKeyIDs fills KeyNames with name(key_id) for every key_id in the report
+// whose name differs from it.
+func (r *Report) NameKeyIDs(name func(keyID string) string) {
+	add := func(id string) {
+		if n := name(id); id != "" && n != id {
+			if r.KeyNames == nil {
+				r.KeyNames = map[string]string{}
+			}
+			r.KeyNames[id] = n
+		}
+	}
+	add(r.CurrentKeyID)
+	for _, res := range r.Resources {
+		for id := range res.KeyIDs {
+			add(id)
+		}
+	}
 }
 
 // Counts are the per-resource (or total) numbers.

@@ -190,3 +190,26 @@ func TestScanCounts(t *testing.T) {
 		t.Errorf("stale without a current key_id: %d", rep2.Totals.Stale)
 	}
 }
+
+func TestNameKeyIDs(t *testing.T) {
+	rep := &Report{CurrentKeyID: "opaque:cur", Resources: []*ResourceStats{
+		{Resource: "secrets", KeyIDs: map[string]int{"opaque:old": 2, "readable": 1}},
+	}}
+	rep.NameKeyIDs(func(id string) string {
+		if n, ok := strings.CutPrefix(id, "opaque:"); ok {
+			return "arn:" + n
+		}
+		return id
+	})
+	want := map[string]string{"opaque:cur": "arn:cur", "opaque:old": "arn:old"}
+	if fmt.Sprint(rep.KeyNames) != fmt.Sprint(want) {
+		t.Fatalf("KeyNames = %v, want %v", rep.KeyNames, want)
+	}
+	var out bytes.Buffer
+	if err := WriteTable(&out, rep); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "key_id opaque:old is arn:old") {
+		t.Fatalf("table lacks the key names:\n%s", out.String())
+	}
+}

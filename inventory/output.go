@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 	"text/tabwriter"
 )
 
@@ -25,6 +27,9 @@ func WriteTable(w io.Writer, rep *Report) error {
 	fmt.Fprintf(tw, "TOTAL\t%d\t%d\t%d\t%s\t%d\t\t\n", t.Objects, t.Encrypted, t.Unencrypted, stale(t.Stale), t.Unreadable)
 	if err := tw.Flush(); err != nil {
 		return err
+	}
+	for _, id := range slices.Sorted(maps.Keys(rep.KeyNames)) {
+		fmt.Fprintf(w, "key_id %s is %s\n", id, rep.KeyNames[id])
 	}
 	if rep.ReadWith != "" {
 		_, err := fmt.Fprintf(w, "\nEvery value read with %s: STALE is what the apiserver reads as stale, UNREADABLE includes what it could not read.\n", rep.ReadWith)

@@ -244,6 +244,11 @@ Exit code 0, or 2 when --fail-on-stale / --fail-on-plaintext find something, 1 o
 			if err != nil {
 				return err
 			}
+			if codec, err := rf.opaqueCodec(); err != nil {
+				return err
+			} else if codec != nil {
+				rep.NameKeyIDs(codec.Name)
+			}
 			if output == "json" {
 				err = inventory.WriteJSON(cmd.OutOrStdout(), rep)
 			} else {

@@ -15,6 +15,7 @@ import (
 	"github.com/kubekms/kubekms/envelope"
 	"github.com/kubekms/kubekms/envelope/kmsclient"
 	"github.com/kubekms/kubekms/keyservice"
+	"github.com/kubekms/kubekms/keyservice/opaqueid"
 	"github.com/kubekms/kubekms/keyservice/softkey"
 	"github.com/kubekms/kubekms/localplugin"
 )
@@ -28,6 +29,7 @@ type readerFlags struct {
 	plugins, keyURIs         []string
 	encryptionConfig         string
 	clusterName, keyIDSuffix string
+	opaqueSecret             string
 	timeout                  time.Duration
 }
 
@@ -38,6 +40,7 @@ func (f *readerFlags) add(cmd *cobra.Command, pluginUsage string) {
 	fl.StringVar(&f.encryptionConfig, "encryption-config", "", "kube-apiserver's EncryptionConfiguration file: read every provider in it (aescbc, aesgcm, secretbox, identity, KMS v1/v2) with the apiserver's own transformers")
 	fl.StringVar(&f.clusterName, "cluster-name", "", "with --key-uri: the plugin's --cluster-name (bound into wrapped keys by pkcs11 and awskms)")
 	fl.StringVar(&f.keyIDSuffix, "key-id-suffix", "", "with --key-uri: the plugin's --key-id-suffix")
+	fl.StringVar(&f.opaqueSecret, "opaque-key-ids", "", "the plugin's --opaque-key-ids secret file: with --key-uri, read values stored under opaque key IDs; show the readable key ID of each opaque one")
 	durationVar(fl, &f.timeout, "timeout", kmsclient.DefaultTimeout, "per-call timeout for the plugin")
 }
 
@@ -173,5 +176,37 @@ func (f *readerFlags) localPlugin(ctx context.Context, uri string, opts keyservi
 		return nil, fmt.Errorf("--key-uri %s: no keyring at %s", uri, path)
 	}
 	opts.ClusterName, opts.KeyIDSuffix = f.clusterName, f.keyIDSuffix
-	return localplugin.Open(ctx, newRegistry(), uri, opts)
+	reg := newRegistry()
+	codec, err := f.opaqueCodec()
+	if err != nil {
+		return nil, err
+	}
+	if codec != nil {
+		reg = opaqueRegistry(reg, codec)
+	}
+	return localplugin.Open(ctx, reg, uri, opts)
+}
+
+// opaqueCodec reads --opaque-key-ids; nil without it.
+func (f *readerFlags) opaqueCodec() (*opaqueid.Codec, error) {
+	if f.opaqueSecret == "" {
+		return nil, nil
+	}
+	return opaqueid.ReadSecretFile(f.opaqueSecret)
+}
+
+// opaqueRegistry opens every scheme of reg with opaque key IDs, as
+// `serve --opaque-key-ids` does.
+func opaqueRegistry(reg *keyservice.Registry, codec *opaqueid.Codec) *keyservice.Registry {
+	out := keyservice.NewRegistry()
+	for _, scheme := range reg.Schemes() {
+		out.Register(scheme, func(ctx context.Context, uri string, opts keyservice.Options) (keyservice.Service, error) {
+			svc, err := reg.Open(ctx, uri, opts)
+			if err != nil {
+				return nil, err
+			}
+			return opaqueid.Wrap(svc, codec), nil
+		})
+	}
+	return out
 }

@@ -13,12 +13,13 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kubekms/kubekms/envelope/kmsclient"
+	"github.com/kubekms/kubekms/keyservice/opaqueid"
 	"github.com/kubekms/kubekms/plugincheck"
 )
 
 func newStatusCmd() *cobra.Command {
 	var plugins []string
-	var output string
+	var output, opaqueSecret string
 	var timeout time.Duration
 	var noRoundTrip, cluster bool
 	var cf clusterFlags
@@ -53,12 +54,22 @@ is older than 20 s. Exit code 0 when every apiserver writes under the same key_i
 			if err != nil {
 				return err
 			}
+			out := statusOutput{Report: rep}
+			if opaqueSecret != "" {
+				codec, err := opaqueid.ReadSecretFile(opaqueSecret)
+				if err != nil {
+					return err
+				}
+				if n := codec.Name(rep.KeyID); n != rep.KeyID {
+					out.KeyName = n
+				}
+			}
 			if output == "json" {
-				if err := writeJSON(cmd.OutOrStdout(), rep); err != nil {
+				if err := writeJSON(cmd.OutOrStdout(), out); err != nil {
 					return err
 				}
 			} else {
-				printStatus(cmd, rep)
+				printStatus(cmd, out)
 			}
 			if len(rep.Problems) > 0 {
 				return &exitError{code: 2, err: fmt.Errorf("%d problem(s) found", len(rep.Problems))}
@@ -72,6 +83,7 @@ is older than 20 s. Exit code 0 when every apiserver writes under the same key_i
 	fl.BoolVar(&noRoundTrip, "status-only", false, "only call Status (no Encrypt/Decrypt)")
 	fl.StringVarP(&output, "output", "o", "text", "output: text or json")
 	fl.BoolVar(&cluster, "cluster", false, "report which key_id every kube-apiserver writes under, and whether they agree")
+	fl.StringVar(&opaqueSecret, "opaque-key-ids", "", "the plugin's opaque key ID secret file: show the readable key ID behind an opaque one")
 	cf.add(cmd, true)
 	return cmd
 }
@@ -136,9 +148,19 @@ func runClusterStatus(cmd *cobra.Command, cf *clusterFlags, plugins []string, ti
 	return nil
 }
 
-func printStatus(cmd *cobra.Command, r *plugincheck.Report) {
+// statusOutput is one plugin's check, with the readable key ID behind an
+// opaque one (--opaque-key-ids).
+type statusOutput struct {
+	*plugincheck.Report
+	KeyName string `json:"key_name,omitempty"`
+}
+
+func printStatus(cmd *cobra.Command, r statusOutput) {
 	w := cmd.OutOrStdout()
 	fmt.Fprintf(w, "endpoint:  %s\nversion:   %s\nhealthz:   %s\nkey_id:    %s\n", r.Endpoint, r.Version, r.Healthz, r.KeyID)
+	if r.KeyName != "" {
+		fmt.Fprintf(w, "key name:  %s\n", r.KeyName)
+	}
 	fmt.Fprintf(w, "Status:    %.2f ms\n", r.StatusMillis)
 	if r.UID != "" {
 		fmt.Fprintf(w, "Encrypt:   %.2f ms\nDecrypt:   %.2f ms\nuid:       %s\n", r.EncryptMillis, r.DecryptMillis, r.UID)
