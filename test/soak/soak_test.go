@@ -9,7 +9,8 @@
 // (stopped and restarted on its file storage, sealed and unsealed, hung with
 // SIGSTOP; a removed policy is the revocation). Every outage must be served
 // from the outage grace with zero failed calls: a sealed Vault is an outage,
-// never a revocation.
+// never a revocation. backends_test.go adds the Cloud KMS stand-in and a real
+// software TPM (swtpm).
 //
 //	go test -count=1 -v ./test/soak/ -soak.phase=3s
 package soak
@@ -60,7 +61,8 @@ type plugin struct {
 // keyService is the key service under soak: its key URI and what the soak
 // does to it.
 type keyService struct {
-	uri string
+	uri   string
+	flags []string // extra serve flags
 	// outages are the phases in which the key service is unreachable or
 	// refuses service; each must cost zero failed calls.
 	outages         []fault
@@ -83,9 +85,9 @@ type env struct {
 func (e *env) start(t *testing.T) {
 	t.Helper()
 	p := &plugin{logs: &e.logs}
-	p.cmd = exec.Command(bin, "serve", "--listen", "unix://"+e.socket, "--key-uri", e.ks.uri,
+	p.cmd = exec.Command(bin, append([]string{"serve", "--listen", "unix://" + e.socket, "--key-uri", e.ks.uri,
 		"--state-file", filepath.Join(e.dir, "state.json"), "--probe-interval", "200ms",
-		"--revocation-bound", "500ms", "--outage-grace", "1h", "--log-level", "warn")
+		"--revocation-bound", "500ms", "--outage-grace", "1h", "--log-level", "warn"}, e.ks.flags...)...)
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL} // dies with the test binary, even on -timeout
 	if err := p.cmd.Start(); err != nil {

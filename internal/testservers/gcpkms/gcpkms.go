@@ -542,3 +542,14 @@ func (s *Server) SetState(t testing.TB, version string, st kmspb.CryptoKeyVersio
 		t.Fatalf("UpdateCryptoKeyVersion %s: %v", st, err)
 	}
 }
+
+// Versions lists the version names of the seeded key short, oldest first.
+func (s *Server) Versions(short string) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for _, v := range s.keys[KeyName(short)].versions {
+		out = append(out, v.pb.Name)
+	}
+	return out
+}
