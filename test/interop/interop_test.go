@@ -7,6 +7,7 @@ package interop
 import (
 	"bytes"
 	"context"
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -27,7 +28,17 @@ import (
 
 var kubekmsBin string
 
-func TestMain(m *testing.M) { os.Exit(testutil.MainWithKubekms(m, &kubekmsBin)) }
+// TestMain runs every backend at once unless -test.parallel says otherwise:
+// they spend their minute waiting, not computing.
+func TestMain(m *testing.M) {
+	flag.Parse()
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == "test.parallel" })
+	if !set {
+		_ = flag.Set("test.parallel", "16")
+	}
+	os.Exit(testutil.MainWithKubekms(m, &kubekmsBin))
+}
 
 // Backend is one key service the suite runs kubekms on.
 type Backend struct {
@@ -64,9 +75,11 @@ func softkeyBackend() Backend {
 	}}
 }
 
+// TestApiserverTransformer runs the backends in parallel: each waits out the
+// apiserver's 1-minute Status poll after its rotation.
 func TestApiserverTransformer(t *testing.T) {
 	for _, b := range backends() {
-		t.Run(b.Name, func(t *testing.T) { runInterop(t, b) })
+		t.Run(b.Name, func(t *testing.T) { t.Parallel(); runInterop(t, b) })
 	}
 }
 

@@ -10,7 +10,7 @@ import (
 // new key with the same label and a higher CKA_ID.
 func pkcs11Backend() Backend {
 	return Backend{Name: "pkcs11", Setup: func(t *testing.T, _ string) Deployment {
-		tk := softhsm.Start(t)
+		tk := softhsm.StartForProcesses(t)
 		tk.Keygen(softhsm.KeyLabel)
 		return Deployment{
 			KeyURI: tk.URI(";object="+softhsm.KeyLabel, ""),

@@ -1,12 +1,17 @@
 package soak
 
 import (
+	"context"
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"cloud.google.com/go/kms/apiv1/kmspb"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/to"
+	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
 
+	"github.com/kubekms/kubekms/internal/testservers/azurekv"
 	"github.com/kubekms/kubekms/internal/testservers/gcpkms"
 	"github.com/kubekms/kubekms/internal/testservers/swtpm"
 )
@@ -36,6 +41,54 @@ func TestSoakGCPKMSStandIn(t *testing.T) {
 			rotate:  func(t *testing.T) { srv.Rotate(t, "kek") },
 			disable: all(kmspb.CryptoKeyVersion_DISABLED),
 			enable:  all(kmspb.CryptoKeyVersion_ENABLED),
+		}
+	})
+}
+
+// TestSoakAzureKVStandIn soaks the Azure Key Vault backend on its STAND-IN
+// (internal/testservers/azurekv: the SDK's fake server with real RSA-OAEP,
+// in this test process), which the plugin reaches through an HTTPS proxy on
+// 127.0.0.1 with a managed identity endpoint (azurekv.Network): outage = the
+// proxy stopped (connection refused), rotation = RotateKey, disable = every
+// version's enabled=false.
+func TestSoakAzureKVStandIn(t *testing.T) {
+	soak(t, func(t *testing.T, _ string) keyService {
+		srv := azurekv.Start(t, false, "kek")
+		net := srv.Serve(t)
+		admin := srv.AdminClient(t)
+		call := func(t *testing.T, what string, f func(ctx context.Context) error) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			if err := f(ctx); err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+		}
+		all := func(enabled bool) func(t *testing.T) {
+			return func(t *testing.T) {
+				for _, kid := range srv.Versions("kek") {
+					id := azkeys.ID(kid)
+					call(t, "UpdateKey", func(ctx context.Context) error {
+						_, err := admin.UpdateKey(ctx, id.Name(), id.Version(), azkeys.UpdateKeyParameters{
+							KeyAttributes: &azkeys.KeyAttributes{Enabled: to.Ptr(enabled)}}, nil)
+						return err
+					})
+				}
+			}
+		}
+		return keyService{
+			uri:   "azurekv://" + strings.TrimPrefix(srv.URL, "https://") + "/keys/kek",
+			flags: []string{"--cluster-name", "soak"},
+			env:   net.Env(),
+			outages: []fault{{"Key Vault unreachable (proxy stopped)", func(t *testing.T, sleep func()) {
+				net.Stop(t)
+				sleep()
+				net.Start(t)
+			}}},
+			rotate: func(t *testing.T) {
+				call(t, "RotateKey", func(ctx context.Context) error { _, err := admin.RotateKey(ctx, "kek", nil); return err })
+			},
+			disable: all(false),
+			enable:  all(true),
 		}
 	})
 }

@@ -63,6 +63,7 @@ type plugin struct {
 type keyService struct {
 	uri   string
 	flags []string // extra serve flags
+	env   []string // added to the plugin's environment
 	// outages are the phases in which the key service is unreachable or
 	// refuses service; each must cost zero failed calls.
 	outages         []fault
@@ -88,6 +89,7 @@ func (e *env) start(t *testing.T) {
 	p.cmd = exec.Command(bin, append([]string{"serve", "--listen", "unix://" + e.socket, "--key-uri", e.ks.uri,
 		"--state-file", filepath.Join(e.dir, "state.json"), "--probe-interval", "200ms",
 		"--revocation-bound", "500ms", "--outage-grace", "1h", "--log-level", "warn"}, e.ks.flags...)...)
+	p.cmd.Env = append(os.Environ(), e.ks.env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL} // dies with the test binary, even on -timeout
 	if err := p.cmd.Start(); err != nil {

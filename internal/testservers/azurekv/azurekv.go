@@ -121,6 +121,17 @@ func (s *Server) Latest(name string) string {
 	return s.kid(vs[len(vs)-1])
 }
 
+// Versions returns the KIDs of a key's versions, oldest first.
+func (s *Server) Versions(name string) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for _, v := range s.keys[name] {
+		out = append(out, s.kid(v))
+	}
+	return out
+}
+
 func (s *Server) kid(v *version) string {
 	return fmt.Sprintf("%s/keys/%s/%s", s.URL, v.name, v.id)
 }
@@ -213,12 +224,12 @@ func (s *Server) bundle(v *version) azkeys.KeyBundle {
 		KeyOps: to.SliceOfPtrs(azkeys.KeyOperationWrapKey, azkeys.KeyOperationUnwrapKey)}
 	if v.rsa != nil {
 		jwk.N = v.rsa.N.Bytes()
-		jwk.E = big(v.rsa.E)
+		jwk.E = exponentBytes(v.rsa.E)
 	}
 	return azkeys.KeyBundle{Attributes: &attrs, Key: jwk}
 }
 
-func big(e int) []byte {
+func exponentBytes(e int) []byte {
 	b := make([]byte, 4)
 	binary.BigEndian.PutUint32(b, uint32(e))
 	for len(b) > 1 && b[0] == 0 {
