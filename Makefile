@@ -65,7 +65,7 @@ e2e: vault
 	KUBEKMS_REQUIRE_REAL=1 $(GO) test -tags e2e -count=1 -v -timeout 40m -parallel 8 -run '$(E2E_RUN)' -skip '$(E2E_SKIP)' ./test/e2e/...
 
 ## e2e-revocation: revocation, re-enable and outages against the real kube-apiserver (softkey, AWS KMS
-## via local-kms, PKCS#11 via SoftHSM2); ~6 min: each scenario waits out the apiserver's 3-minute write TTL.
+## via local-kms, PKCS#11 via SoftHSM2, TPM via swtpm); ~6 min: each scenario waits out the apiserver's 3-minute write TTL.
 e2e-revocation: deps
 	$(MAKE) e2e E2E_RUN=TestRevocation
 

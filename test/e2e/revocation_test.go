@@ -20,6 +20,8 @@ import (
 	"github.com/kubekms/kubekms/hierarchy"
 	"github.com/kubekms/kubekms/internal/testservers/localkms"
 	"github.com/kubekms/kubekms/internal/testservers/softhsm"
+	"github.com/kubekms/kubekms/internal/testservers/swtpm"
+	"github.com/kubekms/kubekms/keyservice/tpm"
 	"github.com/kubekms/kubekms/test/e2e/cluster"
 )
 
@@ -242,6 +244,21 @@ func revocableBackends() []revocableBackend {
 			p.Env = append(p.Env, tk.Env()...)
 			return func(context.Context) error { tk.DeleteAll(); return nil }, nil
 		}},
+		{name: "tpm PCR policy broken", detect: defaultProbeLoop, setup: func(t *testing.T, p *cluster.Plugin) (func(context.Context) error, func(context.Context) error) {
+			// A real swtpm; the key is bound to PCR 16 (the debug PCR, which
+			// locality 0 may reset): extending it is what a changed boot
+			// chain does to PCR 7, resetting it undoes that.
+			tp := swtpm.Start(t)
+			p.KeyURI = "tpm://" + tp.Socket() + "?handle=0x81000100-0x8100010f&pcrs=16"
+			if _, err := tpm.Provision(context.Background(), p.KeyURI, "e2e"); err != nil {
+				t.Fatalf("provision the TPM key: %v", err)
+			}
+			return func(context.Context) error {
+					tp.Tool(t, "tpm2_pcrextend", "16:sha256="+strings.Repeat("ab", 32))
+					return nil
+				},
+				func(context.Context) error { tp.Tool(t, "tpm2_pcrreset", "16"); return nil }
+		}},
 	}, vaultRevocableBackends()...)
 }
 
@@ -275,10 +292,10 @@ func onLocalKMS(t *testing.T, p *cluster.Plugin, srv *localkms.Server, key strin
 }
 
 // testRevokeReEnable: an operator's revocation (softkey disable --all, AWS
-// DisableKey, deleting the HSM key) stops the apiserver's writes within the
-// bound; re-enabling resumes them with no restart; an apiserver restarted
-// while the key is revoked cannot read what is under it, and can again once
-// the key is enabled.
+// DisableKey, deleting the HSM key, breaking a TPM key's PCR policy) stops
+// the apiserver's writes within the bound; re-enabling resumes them with no
+// restart; an apiserver restarted while the key is revoked cannot read what
+// is under it, and can again once the key is enabled.
 func testRevokeReEnable(t *testing.T, b binaries, kb revocableBackend) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
