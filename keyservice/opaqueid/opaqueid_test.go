@@ -199,8 +199,13 @@ func TestKeyIDsAreOpaque(t *testing.T) {
 	if _, ok := svc.(keyservice.VersionChecker); !ok {
 		t.Fatal("softkey's VersionChecker is not forwarded")
 	}
-	if _, ok := svc.(keyservice.Notifier); ok {
-		t.Fatal("the wrapper claims a Notifier that softkey does not have")
+	if _, ok := svc.(keyservice.Notifier); !ok {
+		t.Fatal("softkey's Notifier (its keyring watch) is not forwarded")
+	}
+	// A backend with neither gets neither: the hierarchy must not wait on
+	// a change channel nobody feeds, or skip version checks it believes it has.
+	if p := opaqueid.Wrap(plain{svc}, c); func() bool { _, n := p.(keyservice.Notifier); _, v := p.(keyservice.VersionChecker); return n || v }() {
+		t.Fatal("the wrapper claims a Notifier or VersionChecker its backend does not have")
 	}
 	ch := make(chan struct{}, 1)
 	n := opaqueid.Wrap(notifier{svc, ch}, c)
@@ -214,6 +219,9 @@ func TestKeyIDsAreOpaque(t *testing.T) {
 	ch <- struct{}{}
 	<-nn.Changed()
 }
+
+// plain hides every optional interface of the service it holds.
+type plain struct{ keyservice.Service }
 
 type notifier struct {
 	keyservice.Service
