@@ -22,7 +22,7 @@ log() { printf '[cluster-bins] %s\n' "$*" >&2; }
 
 # link NAME PATH: point $BIN/NAME at PATH.
 link() {
-  ln -sfn "$2" "$BIN/$1.tmp" && mv -Tf "$BIN/$1.tmp" "$BIN/$1"
+  ln -sfn "$2" "$BIN/$1.tmp.$$" && mv -Tf "$BIN/$1.tmp.$$" "$BIN/$1"
   log "$1 -> $2"
 }
 

@@ -20,7 +20,7 @@ mkdir -p "$BIN" "$DIR"
 log() { printf '[local-kms] %s\n' "$*" >&2; }
 
 link() {
-  ln -sfn "$1" "$BIN/local-kms.tmp" && mv -Tf "$BIN/local-kms.tmp" "$BIN/local-kms"
+  ln -sfn "$1" "$BIN/local-kms.tmp.$$" && mv -Tf "$BIN/local-kms.tmp.$$" "$BIN/local-kms"
   log "local-kms -> $1"
 }
 

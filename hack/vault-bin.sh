@@ -25,7 +25,7 @@ export GOWORK=off GOFLAGS="${GOFLAGS:-} -mod=mod" CGO_ENABLED=0
 log() { printf '[vault-bin] %s\n' "$*" >&2; }
 
 link() {
-  ln -sfn "$1" "$BIN/vault.tmp" && mv -Tf "$BIN/vault.tmp" "$BIN/vault"
+  ln -sfn "$1" "$BIN/vault.tmp.$$" && mv -Tf "$BIN/vault.tmp.$$" "$BIN/vault"
   log "vault -> $1"
 }
 
