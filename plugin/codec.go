@@ -35,13 +35,18 @@ func (c *requestCodec) Unmarshal(data mem.BufferSlice, v any) error {
 
 // decodeInterceptor answers requests the codec could not decode.
 func (c *requestCodec) decodeInterceptor(opts Options) grpc.UnaryServerInterceptor {
+	var observers sync.Map // full method -> *observer, made at its first undecodable request
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		v, failed := c.failed.LoadAndDelete(req)
 		if !failed {
 			return handler(ctx, req)
 		}
 		service, method := splitMethod(info.FullMethod)
-		_, call := begin(ctx, opts, service, method, "")
+		o, ok := observers.Load(info.FullMethod)
+		if !ok {
+			o, _ = observers.LoadOrStore(info.FullMethod, newObserver(opts, service, method))
+		}
+		_, call := o.(*observer).begin(ctx, "")
 		return nil, call.end(invalid("request is not a valid %s message: %v", method+"Request", v.(error)))
 	}
 }

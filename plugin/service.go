@@ -1,7 +1,7 @@
 // Package plugin is the gRPC KMS plugin: the v2 KeyManagementService (and the
 // legacy v1beta1 one on the same socket) over the local key hierarchy. It
 // validates requests against the apiserver's limits, maps errors to gRPC
-// codes, and logs, traces and counts every call with the apiserver's uid. It
+// codes, and traces, counts and logs calls with the apiserver's uid. It
 // knows nothing about any key-service vendor.
 package plugin
 
@@ -10,8 +10,6 @@ import (
 	"log/slog"
 	"time"
 
-	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 	"google.golang.org/grpc/status"
@@ -28,6 +26,13 @@ type Options struct {
 	Tracer  trace.Tracer
 	// Version is reported by the v1beta1 Version call.
 	Version string
+	// SlowCall is the latency from which every call is logged (default
+	// DefaultSlowCall).
+	SlowCall time.Duration
+	// LoggedCallsPerSecond is how many successful, fast calls per method
+	// and second are logged at info, after a burst of 100 (default
+	// DefaultLoggedCallsPerSecond; negative: none). See observer.
+	LoggedCallsPerSecond float64
 }
 
 func (o *Options) defaults() {
@@ -40,64 +45,26 @@ func (o *Options) defaults() {
 	if o.Version == "" {
 		o.Version = "dev"
 	}
+	if o.SlowCall == 0 {
+		o.SlowCall = DefaultSlowCall
+	}
+	if o.LoggedCallsPerSecond == 0 {
+		o.LoggedCallsPerSecond = DefaultLoggedCallsPerSecond
+	}
 }
 
 // V2 implements v2.KeyManagementService.
 type V2 struct {
 	kmsapi.UnimplementedKeyManagementServiceServer
-	h    *hierarchy.Hierarchy
-	opts Options
+	h        *hierarchy.Hierarchy
+	opts     Options
+	enc, dec *observer
 }
 
 // NewV2 returns the v2 service over h.
 func NewV2(h *hierarchy.Hierarchy, opts Options) *V2 {
 	opts.defaults()
-	return &V2{h: h, opts: opts}
-}
-
-// call is one observed request: a span, a log line and metrics.
-type call struct {
-	opts    Options
-	service string
-	method  string
-	uid     string
-	keyID   string
-	start   time.Time
-	span    trace.Span
-}
-
-func begin(ctx context.Context, opts Options, service, method, uid string) (context.Context, *call) {
-	ctx, span := opts.Tracer.Start(ctx, "kms."+service+"/"+method, trace.WithSpanKind(trace.SpanKindServer),
-		trace.WithAttributes(attribute.String("kms.uid", uid)))
-	return ctx, &call{opts: opts, service: service, method: method, uid: uid, start: time.Now(), span: span}
-}
-
-// end records the outcome and returns err as a gRPC status.
-func (c *call) end(err error) error {
-	err = toStatus(err)
-	code := status.Code(err)
-	d := time.Since(c.start)
-	c.opts.Metrics.GRPC(c.service, c.method, code.String(), c.uid, d)
-	if c.keyID != "" {
-		c.span.SetAttributes(attribute.String("kms.key_id", c.keyID))
-	}
-	level, msg := slog.LevelInfo, "kms call"
-	if err != nil {
-		c.span.SetStatus(codes.Error, code.String())
-		c.span.RecordError(err)
-		level, msg = slog.LevelWarn, "kms call failed"
-	}
-	c.span.End()
-	// Enabled first: building the attributes costs more than the call itself.
-	if c.opts.Logger.Enabled(context.Background(), level) {
-		attrs := []slog.Attr{slog.String("service", c.service), slog.String("method", c.method), slog.String("uid", c.uid),
-			slog.String("key_id", c.keyID), slog.String("outcome", code.String()), slog.Duration("duration", d)}
-		if err != nil {
-			attrs = append(attrs, slog.String("error", status.Convert(err).Message()))
-		}
-		c.opts.Logger.LogAttrs(context.Background(), level, msg, attrs...)
-	}
-	return err
+	return &V2{h: h, opts: opts, enc: newObserver(opts, "v2", "Encrypt"), dec: newObserver(opts, "v2", "Decrypt")}
 }
 
 // Status reports health from the hierarchy's last probe (waiting at most the
@@ -129,7 +96,7 @@ func (s *V2) Status(ctx context.Context, _ *kmsapi.StatusRequest) (*kmsapi.Statu
 
 // Encrypt seals the apiserver's seed.
 func (s *V2) Encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*kmsapi.EncryptResponse, error) {
-	ctx, c := begin(ctx, s.opts, "v2", "Encrypt", req.GetUid())
+	ctx, c := s.enc.begin(ctx, req.GetUid())
 	sealed, err := s.h.Encrypt(ctx, req.GetPlaintext())
 	if err != nil {
 		return nil, c.end(err)
@@ -143,7 +110,7 @@ func (s *V2) Encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*kmsapi.E
 
 // Decrypt opens a seed the apiserver stored.
 func (s *V2) Decrypt(ctx context.Context, req *kmsapi.DecryptRequest) (*kmsapi.DecryptResponse, error) {
-	ctx, c := begin(ctx, s.opts, "v2", "Decrypt", req.GetUid())
+	ctx, c := s.dec.begin(ctx, req.GetUid())
 	c.keyID = req.GetKeyId()
 	if err := checkKeyID(req.GetKeyId()); err != nil {
 		return nil, c.end(invalid("%v", err))

@@ -18,8 +18,9 @@ import (
 //	0x02 || uvarint(len key_id) || key_id || uvarint(len annotation) || annotation || v2 seal
 type V1 struct {
 	kmsv1.UnimplementedKeyManagementServiceServer
-	h    *hierarchy.Hierarchy
-	opts Options
+	h        *hierarchy.Hierarchy
+	opts     Options
+	enc, dec *observer
 }
 
 const v1Framing byte = 0x02
@@ -27,7 +28,7 @@ const v1Framing byte = 0x02
 // NewV1 returns the v1beta1 service over h.
 func NewV1(h *hierarchy.Hierarchy, opts Options) *V1 {
 	opts.defaults()
-	return &V1{h: h, opts: opts}
+	return &V1{h: h, opts: opts, enc: newObserver(opts, "v1beta1", "Encrypt"), dec: newObserver(opts, "v1beta1", "Decrypt")}
 }
 
 // Version answers the apiserver's v1 version check.
@@ -37,7 +38,7 @@ func (s *V1) Version(context.Context, *kmsv1.VersionRequest) (*kmsv1.VersionResp
 
 // Encrypt seals a v1 DEK.
 func (s *V1) Encrypt(ctx context.Context, req *kmsv1.EncryptRequest) (*kmsv1.EncryptResponse, error) {
-	ctx, c := begin(ctx, s.opts, "v1beta1", "Encrypt", "")
+	ctx, c := s.enc.begin(ctx, "")
 	sealed, err := s.h.Encrypt(ctx, req.GetPlain())
 	if err != nil {
 		return nil, c.end(err)
@@ -56,7 +57,7 @@ func (s *V1) Encrypt(ctx context.Context, req *kmsv1.EncryptRequest) (*kmsv1.Enc
 
 // Decrypt opens a v1 ciphertext.
 func (s *V1) Decrypt(ctx context.Context, req *kmsv1.DecryptRequest) (*kmsv1.DecryptResponse, error) {
-	ctx, c := begin(ctx, s.opts, "v1beta1", "Decrypt", "")
+	ctx, c := s.dec.begin(ctx, "")
 	keyID, ann, sealed, err := parseV1(req.GetCipher())
 	if err != nil {
 		return nil, c.end(err)

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strconv"
 	"syscall"
 	"time"
@@ -36,6 +37,8 @@ type serveFlags struct {
 	otlpEndpoint                    string
 	otlpInsecure                    bool
 	logFormat, logLevel             string
+	logSlow                         time.Duration
+	logCallsPerSecond               float64
 	shutdownGrace                   time.Duration
 	noState                         bool
 	newKeyring                      bool
@@ -82,14 +85,30 @@ serve refuses to start without it (restore it, or pass --new-keyring to start a 
 	fl.BoolVar(&f.otlpInsecure, "otlp-insecure", true, "send OTLP without TLS (for a collector on loopback)")
 	fl.StringVar(&f.logFormat, "log-format", "json", "log format: json or text")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	durationVar(fl, &f.logSlow, "log-slow", plugin.DefaultSlowCall, "log every KMS call that takes at least this long (warn)")
+	fl.Float64Var(&f.logCallsPerSecond, "log-calls-per-second", plugin.DefaultLoggedCallsPerSecond,
+		"successful, fast KMS calls logged per method and second at info, after a burst of 100 (0: none; failed and slow calls are always logged, every call at --log-level=debug)")
 	durationVar(fl, &f.shutdownGrace, "shutdown-grace", 10*time.Second, "time for in-flight calls to finish on SIGTERM")
 	return cmd
 }
+
+// serveGOGC is the GC target of serve unless the GOGC environment variable
+// sets one. The live heap is small (~4 MB, mostly the dependencies' tables)
+// and every call allocates ~5 KB in gRPC, so at Go's default of 100 the
+// collector ran every ~600 calls and was the largest cost kubekms added over
+// a no-op plugin (docs/performance.md); 400 costs ~15 MB of heap.
+const serveGOGC = 400
 
 func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 	log, err := newLogger(cmd.ErrOrStderr(), f.logFormat, f.logLevel)
 	if err != nil {
 		return err
+	}
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(serveGOGC)
+	}
+	if f.logCallsPerSecond < 0 {
+		return fmt.Errorf("--log-calls-per-second %v: want a rate >= 0", f.logCallsPerSecond)
 	}
 	if f.keyURI == "" {
 		return errNoKeyURI
@@ -188,7 +207,12 @@ func runServe(ctx context.Context, cmd *cobra.Command, f serveFlags) error {
 	if err != nil {
 		return err
 	}
-	srv := plugin.NewGRPCServer(h, plugin.Options{Logger: log, Metrics: m, Tracer: tracer, Version: version})
+	perSecond := f.logCallsPerSecond
+	if perSecond == 0 {
+		perSecond = -1 // plugin.Options: zero means the default
+	}
+	srv := plugin.NewGRPCServer(h, plugin.Options{Logger: log, Metrics: m, Tracer: tracer, Version: version,
+		SlowCall: f.logSlow, LoggedCallsPerSecond: perSecond})
 
 	if f.metricsAddr != "" {
 		stopHTTP, err := serveHTTP(f.metricsAddr, reg, h, log)

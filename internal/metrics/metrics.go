@@ -102,12 +102,50 @@ func (m *Metrics) GRPC(service, method, code, uid string, d time.Duration) {
 		return
 	}
 	m.grpcRequests.WithLabelValues(service, method, code).Inc()
-	obs := m.grpcLatency.WithLabelValues(service, method, code)
+	observe(m.grpcLatency.WithLabelValues(service, method, code), uid, d)
+}
+
+func observe(obs prometheus.Observer, uid string, d time.Duration) {
 	if eo, ok := obs.(prometheus.ExemplarObserver); ok && uid != "" && len(uid) <= 64 {
 		eo.ObserveWithExemplar(d.Seconds(), prometheus.Labels{"uid": uid})
 		return
 	}
 	obs.Observe(d.Seconds())
+}
+
+// Calls are the series of one gRPC method, with the OK ones resolved once:
+// the hot path then costs two atomic adds, no label hashing or lookup.
+type Calls struct {
+	m               *Metrics
+	service, method string
+	okCount         prometheus.Counter
+	okLatency       prometheus.Observer
+}
+
+// Calls returns the series of one method (nil for a nil *Metrics).
+func (m *Metrics) Calls(service, method string) *Calls {
+	if m == nil {
+		return nil
+	}
+	return &Calls{m: m, service: service, method: method,
+		okCount:   m.grpcRequests.WithLabelValues(service, method, "OK"),
+		okLatency: m.grpcLatency.WithLabelValues(service, method, "OK")}
+}
+
+// Record counts one call with its gRPC code and latency. A non-empty uid is
+// attached as an exemplar: the plugin passes it for the calls it logs, so
+// every exemplar leads to a log line (an exemplar costs allocations, and a
+// bucket keeps only its latest one anyway).
+func (c *Calls) Record(code, uid string, d time.Duration) {
+	if c == nil {
+		return
+	}
+	if code != "OK" {
+		c.m.GRPC(c.service, c.method, code, uid, d)
+		return
+	}
+	c.okCount.Inc()
+	observe(c.okLatency, uid, d)
 }
 
 // Remote records one remote key-service attempt.
