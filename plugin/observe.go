@@ -9,6 +9,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc/status"
 
@@ -36,7 +37,7 @@ const (
 // every call is logged.
 type observer struct {
 	log             *slog.Logger
-	tracer          trace.Tracer
+	tracer          trace.Tracer // nil when tracing is off: no span at all
 	startOpts       []trace.SpanStartOption
 	calls           *metrics.Calls
 	service, method string
@@ -48,10 +49,13 @@ type observer struct {
 
 func newObserver(opts Options, service, method string) *observer {
 	o := &observer{
-		log: opts.Logger, tracer: opts.Tracer, calls: opts.Metrics.Calls(service, method),
+		log: opts.Logger, calls: opts.Metrics.Calls(service, method),
 		startOpts: []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindServer)},
 		service:   service, method: method, spanName: "kms." + service + "/" + method,
 		slow: opts.SlowCall,
+	}
+	if _, off := opts.Tracer.(noop.Tracer); !off {
+		o.tracer = opts.Tracer
 	}
 	if opts.LoggedCallsPerSecond > 0 {
 		o.sample = rate.NewLimiter(rate.Limit(opts.LoggedCallsPerSecond), callLogBurst)
@@ -65,15 +69,18 @@ type call struct {
 	uid   string
 	keyID string
 	start time.Time
-	span  trace.Span
+	span  trace.Span // nil when tracing is off
 }
 
 func (o *observer) begin(ctx context.Context, uid string) (context.Context, call) {
-	ctx, span := o.tracer.Start(ctx, o.spanName, o.startOpts...)
-	if span.IsRecording() {
-		span.SetAttributes(attribute.String("kms.uid", uid))
+	c := call{o: o, uid: uid, start: time.Now()}
+	if o.tracer != nil {
+		ctx, c.span = o.tracer.Start(ctx, o.spanName, o.startOpts...)
+		if c.span.IsRecording() {
+			c.span.SetAttributes(attribute.String("kms.uid", uid))
+		}
 	}
-	return ctx, call{o: o, uid: uid, start: time.Now(), span: span}
+	return ctx, c
 }
 
 // end records the outcome and returns err as a gRPC status.
@@ -97,16 +104,18 @@ func (c *call) end(err error) error {
 		exemplar = c.uid
 	}
 	o.calls.Record(code.String(), exemplar, d)
-	if c.span.IsRecording() {
-		if c.keyID != "" {
-			c.span.SetAttributes(attribute.String("kms.key_id", c.keyID))
+	if c.span != nil {
+		if c.span.IsRecording() {
+			if c.keyID != "" {
+				c.span.SetAttributes(attribute.String("kms.key_id", c.keyID))
+			}
+			if err != nil {
+				c.span.SetStatus(codes.Error, code.String())
+				c.span.RecordError(err)
+			}
 		}
-		if err != nil {
-			c.span.SetStatus(codes.Error, code.String())
-			c.span.RecordError(err)
-		}
+		c.span.End()
 	}
-	c.span.End()
 	if !logged {
 		o.notLogged.Add(1)
 		return err

@@ -18,6 +18,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -52,6 +53,7 @@ type config struct {
 	only          string
 	connect       string
 	calls         int
+	requestFile   string
 }
 
 func main() {
@@ -69,6 +71,7 @@ func main() {
 	flag.StringVar(&c.only, "only", "", "measure only this server (noop or kubekms), e.g. to profile it with perf record -p")
 	flag.StringVar(&c.connect, "connect", "", "only make -calls calls of each method to this running server (unix:///path.sock)")
 	flag.IntVar(&c.calls, "calls", 10000, "calls per method with -connect")
+	flag.StringVar(&c.requestFile, "request", "", "with -connect: send the Decrypt request saved in this file, or save the one made")
 	flag.Parse()
 	run := run
 	if c.connect != "" {
@@ -146,7 +149,7 @@ func run(c config) error {
 		}
 	}
 
-	ops, err := newOps(ctx, servers[1].svc)
+	ops, err := newOps(ctx, servers[1].svc, "")
 	if err != nil {
 		return err
 	}
@@ -342,13 +345,30 @@ type op func(s *server, i int) error
 // newOps returns the measured calls. Decrypt opens a seed that kubekms
 // sealed: both servers get kubekms's Decrypt request, byte for byte. Each
 // call carries its own uid, as the apiserver's do.
-func newOps(ctx context.Context, kk kmsservice.Service) (map[string]op, error) {
+//
+// With a request file, Decrypt sends the request saved there, or seals one
+// with kk and saves it: so a -connect run against the no-op plugin sends
+// what an earlier one sent to kubekms.
+func newOps(ctx context.Context, kk kmsservice.Service, requestFile string) (map[string]op, error) {
 	seed := make([]byte, 32)
-	enc, err := kk.Encrypt(ctx, uuid.NewString(), seed)
-	if err != nil {
-		return nil, fmt.Errorf("kubekms Encrypt: %w", err)
+	decReq := &kmsservice.DecryptRequest{}
+	if b, err := os.ReadFile(requestFile); requestFile != "" && err == nil {
+		if err := json.Unmarshal(b, decReq); err != nil {
+			return nil, fmt.Errorf("%s: %w", requestFile, err)
+		}
+	} else {
+		enc, err := kk.Encrypt(ctx, uuid.NewString(), seed)
+		if err != nil {
+			return nil, fmt.Errorf("kubekms Encrypt: %w", err)
+		}
+		decReq = &kmsservice.DecryptRequest{Ciphertext: enc.Ciphertext, KeyID: enc.KeyID, Annotations: enc.Annotations}
+		if requestFile != "" {
+			b, _ := json.Marshal(decReq)
+			if err := os.WriteFile(requestFile, b, 0o600); err != nil {
+				return nil, err
+			}
+		}
 	}
-	decReq := &kmsservice.DecryptRequest{Ciphertext: enc.Ciphertext, KeyID: enc.KeyID, Annotations: enc.Annotations}
 	uids := make([]string, 4096)
 	for i := range uids {
 		uids[i] = uuid.NewString()
@@ -376,7 +396,7 @@ func runCalls(c config) error {
 		return err
 	}
 	s := &server{name: c.connect, svc: svc}
-	ops, err := newOps(ctx, svc)
+	ops, err := newOps(ctx, svc, c.requestFile)
 	if err != nil {
 		return err
 	}

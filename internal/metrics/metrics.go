@@ -20,6 +20,8 @@ type Metrics struct {
 	remoteCalls    *prometheus.CounterVec
 	remoteLatency  *prometheus.HistogramVec
 	cacheLookups   *prometheus.CounterVec
+	cacheHit       prometheus.Counter // resolved once: looked up on every Decrypt
+	cacheMiss      prometheus.Counter
 	cacheSize      prometheus.Gauge
 	kekCreated     *prometheus.CounterVec
 	kekAge         prometheus.Gauge
@@ -82,6 +84,7 @@ func New(reg prometheus.Registerer) *Metrics {
 			Namespace: namespace, Name: "keyservice_inflight_calls", Help: "Remote key-service calls in flight.",
 		}),
 	}
+	m.cacheHit, m.cacheMiss = m.cacheLookups.WithLabelValues("hit"), m.cacheLookups.WithLabelValues("miss")
 	reg.MustRegister(m.grpcRequests, m.grpcLatency, m.remoteCalls, m.remoteLatency, m.cacheLookups, m.cacheSize,
 		m.kekCreated, m.kekAge, m.kekUses, m.keyIDInfo, m.healthy, m.graceRemaining, m.inflightRemote)
 	return m
@@ -170,9 +173,9 @@ func (m *Metrics) CacheLookup(hit bool) {
 		return
 	}
 	if hit {
-		m.cacheLookups.WithLabelValues("hit").Inc()
+		m.cacheHit.Inc()
 	} else {
-		m.cacheLookups.WithLabelValues("miss").Inc()
+		m.cacheMiss.Inc()
 	}
 }
 
