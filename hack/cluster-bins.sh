@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds the real-cluster binaries for the e2e suite from the Go module proxy:
-#   kube-apiserver (k8s.io/kubernetes), etcd and etcdctl (go.etcd.io/etcd).
-# Output: ${KUBEKMS_CACHE:-$HOME/.cache/kubekms}/bin/{kube-apiserver,etcd,etcdctl}.
+#   kube-apiserver (k8s.io/kubernetes), etcd and etcdctl (go.etcd.io/etcd); and on request
+#   (`cluster-bins.sh kubectl`) kubectl, for the migrate comparison of the scale suite.
+# Output: ${KUBEKMS_CACHE:-$HOME/.cache/kubekms}/bin/{kube-apiserver,etcd,etcdctl[,kubectl]}.
 # Idempotent: each binary is built once per version into $CACHE/build/<name>-<version>/
 # with a stamp file; a second run only re-links bin/. Prebuilt binaries given in
-# KUBE_APISERVER=, ETCD= or ETCDCTL= are linked instead of building.
+# KUBE_APISERVER=, ETCD=, ETCDCTL= or KUBECTL= are linked instead of building.
 # The wrapper Go modules live under the cache dir, never in the repo.
 set -euo pipefail
 
@@ -44,23 +45,25 @@ timed() {
   log "built $name in $((end - start))s"
 }
 
-build_kube_apiserver() {
-  local dir="$BUILD/kube-apiserver-$KUBE_VERSION"
+# build_kube NAME: build k8s.io/kubernetes/cmd/NAME at KUBE_VERSION.
+build_kube() {
+  local name="$1"
+  local dir="$BUILD/$name-$KUBE_VERSION"
   local stamp="$dir/.stamp"
-  if [ -f "$stamp" ] && [ -x "$dir/kube-apiserver" ]; then
-    link kube-apiserver "$dir/kube-apiserver"; return
+  if [ -f "$stamp" ] && [ -x "$dir/$name" ]; then
+    link "$name" "$dir/$name"; return
   fi
   mkdir -p "$dir/src"
   local minor; minor="$(echo "$KUBE_VERSION" | cut -d. -f2)"
   local staging="v0.${KUBE_VERSION#v1.}" # v1.37.2 -> v0.37.2
-  log "building kube-apiserver $KUBE_VERSION (cold build: ~15 min on 2 cores, ~3 GB Go build cache)"
+  log "building $name $KUBE_VERSION (cold build: ~15 min on 2 cores, ~3 GB Go build cache; less once another k8s binary is built)"
   (
     cd "$dir/src"
     local gomod
     gomod="$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')"
     [ -f "$gomod" ] || { log "cannot find go.mod of k8s.io/kubernetes@$KUBE_VERSION"; exit 1; }
     {
-      echo "module kubekms.local/kube-apiserver-build"
+      echo "module kubekms.local/$name-build"
       echo
       echo "go 1.26"
       echo
@@ -70,21 +73,15 @@ build_kube_apiserver() {
       grep -Eo '^[[:space:]]*k8s\.io/[^[:space:]]+ v0\.0\.0([[:space:]]|$)' "$gomod" | awk '{print $1}' | sort -u |
         while read -r m; do echo "replace $m => $m $staging"; done
     } >go.mod
-    cat >tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
-GO
+    printf '//go:build tools\n\npackage tools\n\nimport _ "k8s.io/kubernetes/cmd/%s"\n' "$name" >tools.go
     go mod download k8s.io/kubernetes
-    go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION" >/dev/null
-    timed kube-apiserver go build -trimpath -o "$dir/kube-apiserver" \
+    go get "k8s.io/kubernetes/cmd/$name@$KUBE_VERSION" >/dev/null
+    timed "$name" go build -trimpath -o "$dir/$name" \
       -ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor" \
-      k8s.io/kubernetes/cmd/kube-apiserver
+      "k8s.io/kubernetes/cmd/$name"
   )
   date -u +%FT%TZ >"$stamp"
-  link kube-apiserver "$dir/kube-apiserver"
+  link "$name" "$dir/$name"
 }
 
 # build_etcd NAME MODULE PKG: build PKG of MODULE@ETCD_VERSION as NAME.
@@ -107,13 +104,18 @@ build_etcd() {
   link "$name" "$dir/$name"
 }
 
+if [ "${1:-all}" = kubectl ]; then # optional: only the scale suite's migrate comparison needs it
+  prebuilt KUBECTL kubectl || build_kube kubectl
+  "$BIN/kubectl" version --client | sed -n 1p
+  exit 0
+fi
 prebuilt ETCD etcd || build_etcd etcd go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3
 prebuilt ETCDCTL etcdctl || build_etcd etcdctl go.etcd.io/etcd/etcdctl/v3 go.etcd.io/etcd/etcdctl/v3
 if [ "${1:-all}" = etcd ]; then # `cluster-bins.sh etcd`: only what the unit tests need
   "$BIN/etcd" --version | sed -n 1p
   exit 0
 fi
-prebuilt KUBE_APISERVER kube-apiserver || build_kube_apiserver
+prebuilt KUBE_APISERVER kube-apiserver || build_kube kube-apiserver
 
 "$BIN/kube-apiserver" --version
 # sed, not head: head would close the pipe early and SIGPIPE the writer under pipefail.

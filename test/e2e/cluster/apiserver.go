@@ -6,6 +6,7 @@ import (
 	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
@@ -268,6 +269,11 @@ func KMSv2(name, endpoint string) Provider {
 // KMSv1 is a kms provider speaking the deprecated v1 API (needs KMSv1=true).
 func KMSv1(name, endpoint string) Provider {
 	return Provider(fmt.Sprintf("- kms:\n    apiVersion: v1\n    name: %s\n    endpoint: %s\n    cachesize: 1000\n    timeout: 3s\n", name, endpoint))
+}
+
+// AESCBC is an aescbc provider with one 32-byte key.
+func AESCBC(name string, key []byte) Provider {
+	return Provider(fmt.Sprintf("- aescbc:\n    keys:\n    - name: %s\n      secret: %s\n", name, base64.StdEncoding.EncodeToString(key)))
 }
 
 // Identity stores plaintext (and reads unencrypted data).
