@@ -14,7 +14,7 @@ import (
 	"github.com/kubekms/kubekms/snapshot/snapshottest"
 )
 
-const benchKeys = 200_000
+const benchKeys = 100_000
 
 // benchSnapshot writes a bbolt snapshot in etcd's layout with benchKeys
 // live keys: 60% KMS v2 secrets under two key_ids (~600-byte values), 30%
