@@ -5,7 +5,9 @@ package e2e
 import (
 	"context"
 	"crypto/rand"
+	"flag"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -41,7 +43,7 @@ type coldStartResult struct {
 // same N Secrets, the same restart). It prints a markdown table.
 func TestColdStartEconomics(t *testing.T) {
 	b := needBinaries(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Minute)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Hour)
 	defer cancel()
 	n := *secretsN
 	if n < coldStartRounds {
@@ -84,7 +86,8 @@ func TestColdStartEconomics(t *testing.T) {
 		fmt.Fprintf(&tb, "\nrestart to /readyz against identity: kubekms %.2fx, aescbc %.2fx\n",
 			kms.ready.Seconds()/ident.ready.Seconds(), aescbc.ready.Seconds()/ident.ready.Seconds())
 	}
-	t.Logf("MEASURED cold start (%d Secrets of %d bytes, written across %d apiserver starts, 2 CPUs):%s", n, len(payload), coldStartRounds, tb.String())
+	t.Logf("MEASURED cold start (%d Secrets of %d bytes, written across %d apiserver starts, median of %d restarts, 2 CPUs, load %s):%s",
+		n, len(payload), coldStartRounds, *coldRestarts, loadAvg(), tb.String())
 }
 
 func coldStartKMS(ctx context.Context, t *testing.T, b binaries, n int, payload []byte) coldStartResult {
@@ -125,20 +128,28 @@ func coldStartKMS(ctx context.Context, t *testing.T, b binaries, n int, payload 
 
 	// A cold start of the control plane: the plugin restarts too, so its
 	// counters (since process start) cover exactly the apiserver's start.
-	if err := c.api.Stop(); err != nil {
-		t.Fatal(err)
+	// Repeated -e2e.coldstart.restarts times; the median is reported.
+	var readies, lists []time.Duration
+	var list time.Duration
+	var listed int
+	for range *coldRestarts {
+		if err := c.api.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.plugin.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.plugin.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		ready, err := c.api.Start(ctx, c.opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		list, listed = listSecrets(ctx, t, c.api.Client, ns, n, payload)
+		readies, lists = append(readies, ready), append(lists, list)
 	}
-	if err := c.plugin.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.plugin.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	ready, err := c.api.Start(ctx, c.opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	list, listed := listSecrets(ctx, t, c.api.Client, ns, n, payload)
+	ready, list := median(readies), median(lists)
 	d, err := c.plugin.Counts(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -181,12 +192,27 @@ func coldStartStatic(ctx context.Context, t *testing.T, b binaries, n int, paylo
 	if err := writeSecrets(ctx, api.Client, ns, 0, n, payload); err != nil {
 		t.Fatal(err)
 	}
-	ready, err := api.Restart(ctx, opts)
-	if err != nil {
-		t.Fatal(err)
+	var readies, lists []time.Duration
+	var listed int
+	for range *coldRestarts {
+		ready, err := api.Restart(ctx, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var list time.Duration
+		list, listed = listSecrets(ctx, t, api.Client, ns, n, payload)
+		readies, lists = append(readies, ready), append(lists, list)
 	}
-	list, listed := listSecrets(ctx, t, api.Client, ns, n, payload)
+	ready, list := median(readies), median(lists)
 	return coldStartResult{name: name, secrets: n, ready: ready, list: list, listed: listed}
+}
+
+var coldRestarts = flag.Int("e2e.coldstart.restarts", 1, "TestColdStartEconomics: cold starts per provider (the median is reported)")
+
+func median(d []time.Duration) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
 
 // writeSecrets creates Secrets cold-lo .. cold-(hi-1) with 8 writers.
