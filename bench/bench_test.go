@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	kmsapi "k8s.io/kms/apis/v2"
 
+	"github.com/kubekms/kubekms/bench/noopkms"
 	"github.com/kubekms/kubekms/hierarchy"
 	"github.com/kubekms/kubekms/keyservice"
 	"github.com/kubekms/kubekms/keyservice/keyservicetest"
@@ -30,21 +31,6 @@ import (
 )
 
 const callers = 16
-
-// noop answers every call at once: the baseline.
-type noop struct {
-	kmsapi.UnimplementedKeyManagementServiceServer
-}
-
-func (noop) Status(context.Context, *kmsapi.StatusRequest) (*kmsapi.StatusResponse, error) {
-	return &kmsapi.StatusResponse{Version: "v2", Healthz: "ok", KeyId: "noop"}, nil
-}
-func (noop) Encrypt(_ context.Context, r *kmsapi.EncryptRequest) (*kmsapi.EncryptResponse, error) {
-	return &kmsapi.EncryptResponse{Ciphertext: r.Plaintext, KeyId: "noop"}, nil
-}
-func (noop) Decrypt(_ context.Context, r *kmsapi.DecryptRequest) (*kmsapi.DecryptResponse, error) {
-	return &kmsapi.DecryptResponse{Plaintext: r.Ciphertext}, nil
-}
 
 func socketDir(b *testing.B) string {
 	dir, err := os.MkdirTemp("", "kkb")
@@ -73,7 +59,7 @@ func serve(b *testing.B, srv *grpc.Server, dir string) kmsapi.KeyManagementServi
 
 func noopClient(b *testing.B) kmsapi.KeyManagementServiceClient {
 	s := grpc.NewServer()
-	kmsapi.RegisterKeyManagementServiceServer(s, noop{})
+	kmsapi.RegisterKeyManagementServiceServer(s, noopkms.Server{Echo: true})
 	return serve(b, s, socketDir(b))
 }
 

@@ -12,8 +12,12 @@
 //
 // It prints a markdown table: throughput, p50 and p99 per server (median over
 // rounds, with the range), their ratios (median of the per-round ratios), the
-// CPU time each server spent per call, the bytes kubekms logged per call and
-// the peak RSS of each server.
+// CPU time each server spent per call (user and system), the bytes kubekms
+// logged per call and the peak RSS of each server.
+//
+// With -baseline-env the baseline is not the no-op plugin but a second
+// kubekms serve with that environment (e.g. GOGC=100): an A/B of a runtime
+// setting, interleaved the same way.
 package main
 
 import (
@@ -48,6 +52,8 @@ type config struct {
 	callers       int
 	methods       string
 	serveArgs     string
+	serveEnv      string
+	baselineEnv   string
 	noopArgs      string
 	keep          bool
 	only          string
@@ -66,6 +72,8 @@ func main() {
 	flag.IntVar(&c.callers, "callers", 16, "concurrent callers")
 	flag.StringVar(&c.methods, "methods", "decrypt,encrypt", "methods to measure, in order")
 	flag.StringVar(&c.serveArgs, "serve-args", "", "extra flags for kubekms serve, space-separated (e.g. --log-level=debug)")
+	flag.StringVar(&c.serveEnv, "serve-env", "", "extra environment for kubekms serve, space-separated (e.g. GOGC=100)")
+	flag.StringVar(&c.baselineEnv, "baseline-env", "", "compare with a second kubekms serve with this environment (space-separated, e.g. GOGC=100) instead of the no-op plugin")
 	flag.StringVar(&c.noopArgs, "noop-args", "", "extra flags for the no-op plugin (-tuned: kubekms's gRPC and GC tuning)")
 	flag.BoolVar(&c.keep, "keep", false, "keep the work folder (logs, keyring)")
 	flag.StringVar(&c.only, "only", "", "measure only this server (noop or kubekms), e.g. to profile it with perf record -p")
@@ -118,12 +126,32 @@ func run(c config) error {
 		"--state-file", filepath.Join(dir, "state.json"),
 		"--metrics-addr", fmt.Sprintf("127.0.0.1:%d", port), "--log-format", "json"}
 	args = append(args, strings.Fields(c.serveArgs)...)
-	kk, err := start(c.kubekms, logPath, args...)
+	kk, err := start(c.kubekms, logPath, strings.Fields(c.serveEnv), args...)
 	if err != nil {
 		return err
 	}
 	defer kk.stop()
-	np, err := start(c.noop, filepath.Join(dir, "noop.log"), append([]string{"-listen", "unix://" + noopSock}, strings.Fields(c.noopArgs)...)...)
+	baseName := "no-op plugin (bench/noop" + strings.Join(append([]string{""}, strings.Fields(c.noopArgs)...), " ") + ")"
+	var np *proc
+	if c.baselineEnv == "" {
+		np, err = start(c.noop, filepath.Join(dir, "noop.log"), nil, append([]string{"-listen", "unix://" + noopSock}, strings.Fields(c.noopArgs)...)...)
+	} else {
+		// The same keyring (made by the first: wait for it), so it opens
+		// kubekms's seals; its own state and port.
+		baseName = "kubekms serve (defaults), " + c.baselineEnv
+		if err := waitSocket(kkSock, kk); err != nil {
+			return fmt.Errorf("kubekms: %w", err)
+		}
+		var port2 int
+		if port2, err = freePort(); err != nil {
+			return err
+		}
+		args2 := slices.Clone(args)
+		args2[2] = "unix://" + noopSock
+		args2[6] = filepath.Join(dir, "state-baseline.json")
+		args2[8] = fmt.Sprintf("127.0.0.1:%d", port2)
+		np, err = start(c.kubekms, filepath.Join(dir, "baseline.log"), strings.Fields(c.baselineEnv), args2...)
+	}
 	if err != nil {
 		return err
 	}
@@ -181,11 +209,11 @@ func run(c config) error {
 					kkCalls += out.calls
 				}
 				res[s.name] = append(res[s.name], out)
-				fmt.Fprintf(os.Stderr, "round %d %-7s %-7s %8.0f calls/s  p50 %6.0f µs  p99 %6.0f µs  server CPU %5.1f µs/call  client CPU %5.1f µs/call\n",
-					r+1, method, s.name, out.rate(), us(out.p50), us(out.p99), out.serverCPUPerCall(), out.clientCPUPerCall())
+				fmt.Fprintf(os.Stderr, "round %d %-7s %-7s %8.0f calls/s  p50 %6.0f µs  p99 %6.0f µs  server CPU %5.1f µs/call (system %4.1f)  client CPU %5.1f µs/call\n",
+					r+1, method, s.name, out.rate(), us(out.p50), us(out.p99), out.serverCPUPerCall(), out.serverSysPerCall(), out.clientCPUPerCall())
 			}
 		}
-		tables = append(tables, table(method, c.callers, res["noop"], res["kubekms"]))
+		tables = append(tables, table(method, c.callers, baseName, res["noop"], res["kubekms"]))
 	}
 	logged := fileSize(logPath) - log0
 	load1 := loadavg()
@@ -195,7 +223,7 @@ func run(c config) error {
 	for _, t := range tables {
 		fmt.Println(t)
 	}
-	fmt.Printf("kubekms logged %.1f bytes per measured call (%d bytes); peak RSS: kubekms %s, noop %s\n",
+	fmt.Printf("kubekms logged %.1f bytes per measured call (%d bytes); peak RSS: kubekms %s, baseline %s\n",
 		float64(logged)/float64(max(kkCalls, 1)), logged, kk.rss(), np.rss())
 	return nil
 }
@@ -207,16 +235,20 @@ type server struct {
 }
 
 type result struct {
-	calls              int
-	wall               time.Duration
-	p50, p99           time.Duration
-	serverCPU, selfCPU time.Duration
+	calls                         int
+	wall                          time.Duration
+	p50, p99                      time.Duration
+	serverCPU, serverSys, selfCPU time.Duration
 }
 
 func (r result) rate() float64 { return float64(r.calls) / r.wall.Seconds() }
 
 func (r result) serverCPUPerCall() float64 {
 	return float64(r.serverCPU.Microseconds()) / float64(max(r.calls, 1))
+}
+
+func (r result) serverSysPerCall() float64 {
+	return float64(r.serverSys.Microseconds()) / float64(max(r.calls, 1))
 }
 
 func (r result) clientCPUPerCall() float64 {
@@ -247,7 +279,8 @@ func measure(s *server, op op, callers int, d time.Duration) (result, error) {
 		lat  []time.Duration
 		errs []error
 	)
-	cpu0, self0 := s.proc.cpu(), selfCPU()
+	user0, sys0 := s.proc.cpu()
+	self0 := selfCPU()
 	start := time.Now()
 	end := start.Add(d)
 	for g := range callers {
@@ -274,7 +307,9 @@ func measure(s *server, op op, callers int, d time.Duration) (result, error) {
 	}
 	wg.Wait()
 	wall := time.Since(start)
-	out := result{calls: len(lat), wall: wall, serverCPU: s.proc.cpu() - cpu0, selfCPU: selfCPU() - self0}
+	user1, sys1 := s.proc.cpu()
+	s.proc.sampleAnon()
+	out := result{calls: len(lat), wall: wall, serverCPU: user1 + sys1 - user0 - sys0, serverSys: sys1 - sys0, selfCPU: selfCPU() - self0}
 	if len(errs) > 0 {
 		return out, errors.Join(errs...)
 	}
@@ -288,19 +323,20 @@ func measure(s *server, op op, callers int, d time.Duration) (result, error) {
 
 // table renders one method's results: medians with ranges, and the median
 // of the per-round ratios (round i of kubekms against round i of noop).
-func table(method string, callers int, noop, kk []result) string {
+func table(method string, callers int, baseName string, noop, kk []result) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "**%s**, %d callers\n\n", method, callers)
-	fmt.Fprintf(&b, "| server | calls/s | p50 | p99 | server CPU per call |\n|---|---:|---:|---:|---:|\n")
+	fmt.Fprintf(&b, "| server | calls/s | p50 | p99 | server CPU per call | of which system |\n|---|---:|---:|---:|---:|---:|\n")
 	for _, row := range []struct {
 		name string
 		rs   []result
-	}{{"no-op plugin (bench/noop)", noop}, {"kubekms serve (defaults)", kk}} {
-		fmt.Fprintf(&b, "| %s | %s | %s µs | %s µs | %s µs |\n", row.name,
+	}{{baseName, noop}, {"kubekms serve (defaults)", kk}} {
+		fmt.Fprintf(&b, "| %s | %s | %s µs | %s µs | %s µs | %s µs |\n", row.name,
 			spread(row.rs, func(r result) float64 { return r.rate() }, "%.0f"),
 			spread(row.rs, func(r result) float64 { return us(r.p50) }, "%.0f"),
 			spread(row.rs, func(r result) float64 { return us(r.p99) }, "%.0f"),
-			spread(row.rs, result.serverCPUPerCall, "%.1f"))
+			spread(row.rs, result.serverCPUPerCall, "%.1f"),
+			spread(row.rs, result.serverSysPerCall, "%.1f"))
 	}
 	n := min(len(noop), len(kk))
 	ratio := func(f func(result) float64) []float64 {
@@ -310,11 +346,12 @@ func table(method string, callers int, noop, kk []result) string {
 		}
 		return out
 	}
-	fmt.Fprintf(&b, "| **kubekms / no-op** | **%s** | **%s** | %s | %s |\n",
+	fmt.Fprintf(&b, "| **kubekms / baseline** | **%s** | **%s** | %s | %s | %s |\n",
 		spreadOf(ratio(func(r result) float64 { return r.rate() }), "%.3f"),
 		spreadOf(ratio(func(r result) float64 { return us(r.p50) }), "%.3f"),
 		spreadOf(ratio(func(r result) float64 { return us(r.p99) }), "%.3f"),
-		spreadOf(ratio(result.serverCPUPerCall), "%.2f"))
+		spreadOf(ratio(result.serverCPUPerCall), "%.2f"),
+		spreadOf(ratio(result.serverSysPerCall), "%.2f"))
 	return b.String()
 }
 
@@ -362,6 +399,11 @@ func newOps(ctx context.Context, kk kmsservice.Service, requestFile string) (map
 			return nil, fmt.Errorf("kubekms Encrypt: %w", err)
 		}
 		decReq = &kmsservice.DecryptRequest{Ciphertext: enc.Ciphertext, KeyID: enc.KeyID, Annotations: enc.Annotations}
+		ann := 0
+		for k, v := range enc.Annotations {
+			ann += len(k) + len(v)
+		}
+		fmt.Fprintf(os.Stderr, "Encrypt answer: ciphertext %d bytes, key_id %d bytes, annotations %d bytes\n", len(enc.Ciphertext), len(enc.KeyID), ann)
 		if requestFile != "" {
 			b, _ := json.Marshal(decReq)
 			if err := os.WriteFile(requestFile, b, 0o600); err != nil {
@@ -467,13 +509,15 @@ func build(dir, name, pkg string) (string, error) {
 
 // proc is a server process that dies with this one.
 type proc struct {
-	cmd  *exec.Cmd
-	log  string
-	done chan struct{}
-	err  error
+	cmd        *exec.Cmd
+	log        string
+	done       chan struct{}
+	err        error
+	maxAnonKiB int
 }
 
-func start(bin, logPath string, args ...string) (*proc, error) {
+// start runs bin with args, and env added to this process's environment.
+func start(bin, logPath string, env []string, args ...string) (*proc, error) {
 	f, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
@@ -481,6 +525,7 @@ func start(bin, logPath string, args ...string) (*proc, error) {
 	defer f.Close()
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
+	cmd.Env = append(os.Environ(), env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		return nil, err
@@ -512,36 +557,46 @@ func (p *proc) stop() {
 	}
 }
 
-// cpu is the process's user+system CPU time so far (/proc/PID/stat, in
+// cpu is the process's user and system CPU time so far (/proc/PID/stat, in
 // clock ticks of 10 ms).
-func (p *proc) cpu() time.Duration {
+func (p *proc) cpu() (user, sys time.Duration) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
 	if err != nil {
-		return 0
+		return 0, 0
 	}
 	i := strings.LastIndexByte(string(b), ')')
 	f := strings.Fields(string(b[i+1:]))
 	if len(f) < 13 {
-		return 0
+		return 0, 0
 	}
 	ut, _ := strconv.ParseInt(f[11], 10, 64)
 	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(ut+st) * 10 * time.Millisecond
+	return time.Duration(ut) * 10 * time.Millisecond, time.Duration(st) * 10 * time.Millisecond
 }
 
-// rss is the peak resident set (VmHWM) of the process.
+// rss is the peak resident set (VmHWM) of the process, and the largest
+// anonymous part (heap, stacks: RssAnon, without the binary's mapped pages)
+// seen at the end of a measured round.
 func (p *proc) rss() string {
+	return fmt.Sprintf("%.1f MiB (anonymous %.1f MiB)", float64(p.status("VmHWM"))/1024, float64(p.maxAnonKiB)/1024)
+}
+
+// sampleAnon records the current RssAnon.
+func (p *proc) sampleAnon() { p.maxAnonKiB = max(p.maxAnonKiB, p.status("RssAnon")) }
+
+// status is a kB field of /proc/PID/status (0 if unknown).
+func (p *proc) status(field string) int {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
 	if err != nil {
-		return "?"
+		return 0
 	}
 	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmHWM:"); ok {
+		if v, ok := strings.CutPrefix(l, field+":"); ok {
 			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
-			return fmt.Sprintf("%.1f MiB", float64(kb)/1024)
+			return kb
 		}
 	}
-	return "?"
+	return 0
 }
 
 func selfCPU() time.Duration {

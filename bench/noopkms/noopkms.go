@@ -15,6 +15,11 @@ var plaintext = make([]byte, 32)
 // Server is the no-op KMS v2 service.
 type Server struct {
 	kmsapi.UnimplementedKeyManagementServiceServer
+	// Echo makes Decrypt answer the ciphertext (which Encrypt made the
+	// plaintext): a plugin that "encrypts" with the identity, so a real
+	// apiserver can store and read through it (the cold-start baseline).
+	// Without it Decrypt answers 32 zero bytes.
+	Echo bool
 }
 
 // Status answers healthy.
@@ -27,7 +32,10 @@ func (Server) Encrypt(_ context.Context, r *kmsapi.EncryptRequest) (*kmsapi.Encr
 	return &kmsapi.EncryptResponse{Ciphertext: r.Plaintext, KeyId: "noop"}, nil
 }
 
-// Decrypt answers 32 zero bytes.
-func (Server) Decrypt(context.Context, *kmsapi.DecryptRequest) (*kmsapi.DecryptResponse, error) {
+// Decrypt answers 32 zero bytes, or with Echo the ciphertext.
+func (s Server) Decrypt(_ context.Context, r *kmsapi.DecryptRequest) (*kmsapi.DecryptResponse, error) {
+	if s.Echo {
+		return &kmsapi.DecryptResponse{Plaintext: r.Ciphertext}, nil
+	}
 	return &kmsapi.DecryptResponse{Plaintext: plaintext}, nil
 }
