@@ -86,11 +86,22 @@ type kmsCluster struct {
 
 func startKMSCluster(ctx context.Context, t *testing.T, b binaries) *kmsCluster {
 	t.Helper()
-	return startKMSClusterOn(ctx, t, b, "")
+	return startKMSClusterWith(ctx, t, b, nil)
 }
 
 // startKMSClusterOn runs the plugin on keyURI ("": its own softkey keyring).
 func startKMSClusterOn(ctx context.Context, t *testing.T, b binaries, keyURI string) *kmsCluster {
+	t.Helper()
+	return startKMSClusterWith(ctx, t, b, func(p *cluster.Plugin) {
+		if keyURI != "" {
+			p.KeyURI = keyURI
+		}
+	})
+}
+
+// startKMSClusterWith is startKMSCluster with setup applied to the plugin
+// before its first start (e.g. a Wrap that runs another plugin binary).
+func startKMSClusterWith(ctx context.Context, t *testing.T, b binaries, setup func(*cluster.Plugin)) *kmsCluster {
 	t.Helper()
 	etcd, err := cluster.StartEtcd(ctx, t, b.etcd)
 	if err != nil {
@@ -100,8 +111,8 @@ func startKMSClusterOn(ctx context.Context, t *testing.T, b binaries, keyURI str
 	if err != nil {
 		t.Fatal(err)
 	}
-	if keyURI != "" {
-		plugin.KeyURI = keyURI
+	if setup != nil {
+		setup(plugin)
 	}
 	if err := plugin.Start(ctx); err != nil {
 		t.Fatal(err)
@@ -136,6 +147,19 @@ func renderedOptions(t *testing.T, plugin *cluster.Plugin, resources ...string) 
 		t.Fatal(err)
 	}
 	return cluster.StartOptions{ExtraArgs: dep.APIServerFlags()}
+}
+
+// buildNoopPlugin builds the no-op KMS v2 plugin (bench/noop) into a
+// temporary folder of t.
+func buildNoopPlugin(t *testing.T) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "noop")
+	cmd := exec.Command("go", "build", "-o", out, "./bench/noop")
+	cmd.Dir = filepath.Join("..", "..")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build ./bench/noop: %v\n%s", err, b)
+	}
+	return out
 }
 
 func randomHex(t *testing.T, n int) string {

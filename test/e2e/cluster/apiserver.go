@@ -172,6 +172,14 @@ func (a *APIServer) Restart(ctx context.Context, opts StartOptions) (time.Durati
 // (apiserver.crt: the certificate and the CA that signed it).
 func (a *APIServer) CertDir() string { return filepath.Join(a.dir, "certs") }
 
+// CPU is the CPU time the current kube-apiserver process has used so far.
+func (a *APIServer) CPU() time.Duration {
+	if a.proc == nil {
+		return 0
+	}
+	return a.proc.CPU()
+}
+
 // LogPath is the log of the current (last) start.
 func (a *APIServer) LogPath() string {
 	if a.proc == nil {

@@ -103,6 +103,14 @@ func (p *Plugin) Start(ctx context.Context) error {
 	}
 }
 
+// CPU is the CPU time the current plugin process has used so far.
+func (p *Plugin) CPU() time.Duration {
+	if p.proc == nil {
+		return 0
+	}
+	return p.proc.CPU()
+}
+
 // Stop stops the plugin gracefully (SIGTERM).
 func (p *Plugin) Stop() error {
 	if p.proc == nil {
