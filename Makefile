@@ -12,7 +12,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 RACE_PKGS := ./hierarchy/... ./plugin/... ./keyservice/... ./envelope/ ./migrate/ ./snapshot/ ./inventory/ ./cmd/kubekms/
 FUZZTIME ?= 10s
 
-.PHONY: all build run deps vault test unit lint e2e e2e-revocation e2e-vault e2e-ha bench fuzz image clean manifests image-test static-pod-test release
+.PHONY: all build run deps vault test unit lint e2e e2e-revocation e2e-vault e2e-ha bench bench-floor bench-scale fuzz image clean manifests image-test static-pod-test release
 
 all: build
 
@@ -86,6 +86,24 @@ e2e-ha:
 ## bench: the gRPC benchmarks against a no-op KMS server on the same kind of socket.
 bench: deps
 	$(GO) test -run '^$$' -bench . -benchtime 3s -count 1 ./bench/
+
+## bench-floor: the built kubekms serve (default flags) against the no-op plugin (bench/noop), each its own
+## process on a unix socket, interleaved rounds, 16 callers (~3 min; docs/performance.md section 1).
+FLOOR_ARGS ?= -rounds 6 -duration 5s
+bench-floor:
+	$(GO) run ./bench/floor $(FLOOR_ARGS)
+
+## bench-scale: opt-in, not in CI. Cold start at 100,000 Secrets against identity, aescbc and the no-op plugin,
+## then inventory, decrypt and migrate (vs kubectl get | kubectl replace) on 100,000 Secrets of a real
+## cluster (~45 min on 2 cores; docs/performance.md sections 4 and 5).
+SCALE_N ?= 100000
+bench-scale:
+	hack/cluster-bins.sh
+	hack/cluster-bins.sh kubectl
+	KUBEKMS_REQUIRE_REAL=1 $(GO) test -tags e2e -count=1 -v -timeout 90m -run 'TestColdStartEconomics$$' ./test/e2e/ \
+		-args -e2e.secrets=$(SCALE_N) -e2e.coldstart.restarts=3
+	KUBEKMS_REQUIRE_REAL=1 $(GO) test -tags e2e -count=1 -v -timeout 120m -run 'TestScaleTools$$' ./test/e2e/ \
+		-args -e2e.scale=$(SCALE_N)
 
 ## fuzz: run every fuzz target for FUZZTIME.
 fuzz:

@@ -6,6 +6,7 @@ package bench
 // in this process:
 //
 //	go test -run '^$' -bench ApiserverRead -benchtime 200000x -count 5 ./bench/
+//	bench/callgrind_read.sh     # instructions per object, whatever the load
 //
 // kms-v2 is the apiserver's KMS v2 envelope (KDF on, its default) over an
 // in-process echo plugin: one plugin call per transformer and seed, as in
