@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"testing"
@@ -32,9 +33,11 @@ func get(t *testing.T, url string) (int, string) {
 }
 
 // TestServe runs `kubekms serve` in-process: socket mode, a round trip with
-// the uid, metrics and probe endpoints, then a graceful stop that removes
-// the socket.
+// the uid, metrics and probe endpoints, the GC target, then a graceful stop
+// that removes the socket.
 func TestServe(t *testing.T) {
+	t.Setenv("GOGC", "") // unset: serve sets its own GC target
+	defer debug.SetGCPercent(100)
 	dir, err := os.MkdirTemp("", "kksv")
 	if err != nil {
 		t.Fatal(err)
@@ -62,6 +65,9 @@ func TestServe(t *testing.T) {
 			t.Fatal("no socket")
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+	if got := debug.SetGCPercent(serveGOGC); got != serveGOGC {
+		t.Errorf("GC percent %d while serving without GOGC, want %d", got, serveGOGC)
 	}
 	if st, _ := os.Stat(sock); st.Mode().Perm() != 0o600 {
 		t.Fatalf("socket mode %v", st.Mode().Perm())
