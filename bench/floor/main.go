@@ -32,7 +32,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -42,6 +41,8 @@ import (
 	"github.com/google/uuid"
 	"k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2"
 	kmsservice "k8s.io/kms/pkg/service"
+
+	"github.com/kubekms/kubekms/internal/procstat"
 )
 
 type config struct {
@@ -513,7 +514,7 @@ type proc struct {
 	log        string
 	done       chan struct{}
 	err        error
-	maxAnonKiB int
+	maxAnonKiB int64
 }
 
 // start runs bin with args, and env added to this process's environment.
@@ -557,22 +558,8 @@ func (p *proc) stop() {
 	}
 }
 
-// cpu is the process's user and system CPU time so far (/proc/PID/stat, in
-// clock ticks of 10 ms).
-func (p *proc) cpu() (user, sys time.Duration) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
-	if err != nil {
-		return 0, 0
-	}
-	i := strings.LastIndexByte(string(b), ')')
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 13 {
-		return 0, 0
-	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(ut) * 10 * time.Millisecond, time.Duration(st) * 10 * time.Millisecond
-}
+// cpu is the process's user and system CPU time so far.
+func (p *proc) cpu() (user, sys time.Duration) { return procstat.CPU(p.cmd.Process.Pid) }
 
 // rss is the peak resident set (VmHWM) of the process, and the largest
 // anonymous part (heap, stacks: RssAnon, without the binary's mapped pages)
@@ -585,19 +572,7 @@ func (p *proc) rss() string {
 func (p *proc) sampleAnon() { p.maxAnonKiB = max(p.maxAnonKiB, p.status("RssAnon")) }
 
 // status is a kB field of /proc/PID/status (0 if unknown).
-func (p *proc) status(field string) int {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
-	if err != nil {
-		return 0
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, field+":"); ok {
-			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
-			return kb
-		}
-	}
-	return 0
-}
+func (p *proc) status(field string) int64 { return procstat.StatusKiB(p.cmd.Process.Pid, field) }
 
 func selfCPU() time.Duration {
 	var ru syscall.Rusage

@@ -4,19 +4,18 @@
 package cluster
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/kubekms/kubekms/internal/procstat"
 	"github.com/kubekms/kubekms/internal/testutil"
 )
 
@@ -114,20 +113,11 @@ func (p *Process) signal(sig syscall.Signal) {
 // LogPath is the file that holds the process's output.
 func (p *Process) LogPath() string { return p.logPath }
 
-// CPU is the user+system CPU time the process has used so far, from
-// /proc/PID/stat (clock ticks of 10 ms); 0 once it has ended.
+// CPU is the user+system CPU time the process has used so far; 0 once it
+// has ended.
 func (p *Process) CPU() time.Duration {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
-	if err != nil {
-		return 0
-	}
-	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-	if len(f) < 13 {
-		return 0
-	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(ut+st) * 10 * time.Millisecond
+	u, s := procstat.CPU(p.cmd.Process.Pid)
+	return u + s
 }
 
 func tailFile(path string, lines int) string { return testutil.TailFile(path, lines) }
