@@ -36,6 +36,7 @@ func newCallLog(t *testing.T, level slog.Level, opts plugin.Options) *callLog {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = svc.Close() })
 	h, err := hierarchy.New(context.Background(), svc, hierarchy.Config{})
 	if err != nil {
 		t.Fatal(err)
