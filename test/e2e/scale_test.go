@@ -143,7 +143,7 @@ func TestScaleTools(t *testing.T) {
 	w := newWritten()
 	_, newKeyID := migRotate(ctx, t, c, w, ns)
 	revs := migModRevisions(ctx, t, c, "/registry/secrets/"+ns+"/")
-	mig := timed(ctx, t, b.kubekms, "migrate", "--kubeconfig", migKubeconfig(t, c), "--resources", "secrets",
+	mig := timed(ctx, t, b.kubekms, "migrate", "--kubeconfig", migKubeconfig(t, c), "--apiservers", c.api.Config.Host, "--resources", "secrets",
 		"--etcd-endpoints", c.etcd.Endpoint, "--plugin", c.plugin.Endpoint(), "--qps", "0")
 	migWrites := len(migChanged(revs, migModRevisions(ctx, t, c, "/registry/secrets/"+ns+"/")))
 	if left := migStale(ctx, t, c, "/registry/secrets/"+ns+"/", newKeyID); len(left) > 0 {
