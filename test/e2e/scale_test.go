@@ -125,11 +125,16 @@ func TestScaleTools(t *testing.T) {
 
 	var tb strings.Builder
 	fmt.Fprintf(&tb, "\n| what | %d Secrets | throughput |\n|---|---|---:|\n", n)
+	row := func(format string, args ...any) { // logged at once too: a later failure keeps the rows measured
+		line := fmt.Sprintf(format, args...)
+		t.Logf("MEASURED row: %s", strings.TrimSpace(line))
+		tb.WriteString(line)
+	}
 	inv := timed(ctx, t, b.kubekms, "inventory", "--snapshot", snap, "--plugin", c.plugin.Endpoint(), "-o", "json")
 	if !strings.Contains(inv.out, fmt.Sprintf(`"objects": %d`, n)) && !strings.Contains(inv.out, fmt.Sprintf(`"objects":%d`, n)) {
 		t.Errorf("inventory does not count %d objects:\n%s", n, tailOf(inv.out))
 	}
-	fmt.Fprintf(&tb, "| `kubekms inventory --snapshot` (%d MB, headers only) | %s | %.0f keys/s, %.0f keys per CPU-s |\n",
+	row("| `kubekms inventory --snapshot` (%d MB, headers only) | %s | %.0f keys/s, %.0f keys per CPU-s |\n",
 		size>>20, inv, float64(n)/inv.wall.Seconds(), float64(n)/inv.cpu.Seconds())
 	dir := filepath.Join(t.TempDir(), "recovered")
 	dec := timed(ctx, t, b.kubekms, "decrypt", "--snapshot", snap, "--plugin", c.plugin.Endpoint(),
@@ -137,7 +142,7 @@ func TestScaleTools(t *testing.T) {
 	if got := countFiles(t, dir); got != n {
 		t.Errorf("decrypt recovered %d manifests, want %d", got, n)
 	}
-	fmt.Fprintf(&tb, "| `kubekms decrypt --snapshot --plugin` (to YAML files) | %s | %.0f objects/s |\n", dec, float64(n)/dec.wall.Seconds())
+	row("| `kubekms decrypt --snapshot --plugin` (to YAML files) | %s | %.0f objects/s |\n", dec, float64(n)/dec.wall.Seconds())
 
 	// migrate: every Secret is stale after a rotation.
 	w := newWritten()
@@ -150,11 +155,16 @@ func TestScaleTools(t *testing.T) {
 		t.Errorf("%d Secrets stale after kubekms migrate", len(left))
 	}
 	rewritten := regexp.MustCompile(`Rewritten \d+, unchanged \d+`).FindString(mig.out)
-	fmt.Fprintf(&tb, "| `kubekms migrate` (etcd plan, 4 at once, no rate limit) | %s; %s; %d etcd writes | %.0f objects/s |\n",
+	row("| `kubekms migrate` (etcd plan, 4 at once, no rate limit) | %s; %s; %d etcd writes | %.0f objects/s |\n",
 		mig, rewritten, migWrites, float64(n)/mig.wall.Seconds())
 
-	// kubectl: the same after the next rotation.
-	_, newKeyID = migRotate(ctx, t, c, w, ns)
+	// kubectl: the same after the next rotation (its probe Secrets in a
+	// namespace of their own: the first rotation's probes keep their names).
+	const probeNS = ns + "-probes"
+	if err := ensureNamespace(ctx, c.api.Client, probeNS); err != nil {
+		t.Fatal(err)
+	}
+	_, newKeyID = migRotate(ctx, t, c, w, probeNS)
 	revs = migModRevisions(ctx, t, c, "/registry/secrets/"+ns+"/")
 	get, repl := kubectlReplace(ctx, t, kubectl, migKubeconfig(t, c))
 	kcWrites := len(migChanged(revs, migModRevisions(ctx, t, c, "/registry/secrets/"+ns+"/")))
@@ -162,7 +172,7 @@ func TestScaleTools(t *testing.T) {
 		t.Errorf("%d Secrets stale after kubectl replace", len(left))
 	}
 	wall := max(get.wall, repl.wall)
-	fmt.Fprintf(&tb, "| `kubectl get secrets -A -o json \\| kubectl replace -f -` | %.1f s wall; get: %.1f s CPU, peak RSS %.0f MiB (anonymous %.0f); replace: %.1f s CPU, peak RSS %.0f MiB (anonymous %.0f); %d etcd writes | %.0f objects/s |\n",
+	row("| `kubectl get secrets -A -o json \\| kubectl replace -f -` | %.1f s wall; get: %.1f s CPU, peak RSS %.0f MiB (anonymous %.0f); replace: %.1f s CPU, peak RSS %.0f MiB (anonymous %.0f); %d etcd writes | %.0f objects/s |\n",
 		wall.Seconds(), get.cpu.Seconds(), float64(get.maxRSSKiB)/1024, float64(get.maxAnonKiB)/1024,
 		repl.cpu.Seconds(), float64(repl.maxRSSKiB)/1024, float64(repl.maxAnonKiB)/1024, kcWrites, float64(n)/wall.Seconds())
 	t.Logf("MEASURED operator tools at scale (%d Secrets of %d bytes, 2 CPUs, load %s):%s", n, len(payload), loadAvg(), tb.String())
