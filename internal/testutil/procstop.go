@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"testing"
 	"time"
 )
 
@@ -86,4 +87,21 @@ func procStat(path string) (state byte, pgrp int, ok bool) {
 		return 0, 0, false
 	}
 	return f[0][0], g, true
+}
+
+// PauseGroup stops the process group of a test server (StopGroup), or fails
+// the test; name says which server in the message.
+func PauseGroup(t testing.TB, name string, pgid int) {
+	t.Helper()
+	if err := StopGroup(pgid, 10*time.Second); err != nil {
+		t.Fatalf("pause %s: %v", name, err)
+	}
+}
+
+// ResumeGroup continues a paused process group (SIGCONT), or fails the test.
+func ResumeGroup(t testing.TB, name string, pgid int) {
+	t.Helper()
+	if err := syscall.Kill(-pgid, syscall.SIGCONT); err != nil {
+		t.Fatalf("resume %s: %v", name, err)
+	}
 }

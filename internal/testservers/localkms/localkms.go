@@ -281,14 +281,14 @@ func (s *Server) Stop(t testing.TB) {
 // hangs, as with a key service that stopped answering. Resume continues it.
 func (s *Server) Pause(t testing.TB) {
 	t.Helper()
-	pid := s.pid(t)
-	if err := testutil.StopGroup(pid, 10*time.Second); err != nil {
-		t.Fatalf("pause local-kms: %v", err)
-	}
+	testutil.PauseGroup(t, "local-kms", s.pid(t))
 }
 
 // Resume continues a paused local-kms (SIGCONT).
-func (s *Server) Resume(t testing.TB) { s.signal(t, syscall.SIGCONT) }
+func (s *Server) Resume(t testing.TB) {
+	t.Helper()
+	testutil.ResumeGroup(t, "local-kms", s.pid(t))
+}
 
 // pid is the running server's process group.
 func (s *Server) pid(t testing.TB) int {
@@ -299,18 +299,6 @@ func (s *Server) pid(t testing.TB) int {
 		t.Fatal("local-kms is not running")
 	}
 	return s.proc.Process.Pid
-}
-
-func (s *Server) signal(t testing.TB, sig syscall.Signal) {
-	t.Helper()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.proc == nil {
-		t.Fatal("local-kms is not running")
-	}
-	if err := syscall.Kill(-s.proc.Process.Pid, sig); err != nil {
-		t.Fatalf("signal local-kms: %v", err)
-	}
 }
 
 func (s *Server) stop() error {

@@ -288,14 +288,14 @@ func (s *Server) Start(t testing.TB) {
 // kernel but never answered. Resume undoes it.
 func (s *Server) Pause(t testing.TB) {
 	t.Helper()
-	pid := s.pid(t)
-	if err := testutil.StopGroup(pid, 10*time.Second); err != nil {
-		t.Fatalf("pause vault server: %v", err)
-	}
+	testutil.PauseGroup(t, "vault server", s.pid(t))
 }
 
 // Resume continues a paused server (SIGCONT).
-func (s *Server) Resume(t testing.TB) { s.signal(t, syscall.SIGCONT) }
+func (s *Server) Resume(t testing.TB) {
+	t.Helper()
+	testutil.ResumeGroup(t, "vault server", s.pid(t))
+}
 
 // pid is the running server's process group.
 func (s *Server) pid(t testing.TB) int {
@@ -306,19 +306,6 @@ func (s *Server) pid(t testing.TB) int {
 		t.Fatal("vault server is not running")
 	}
 	return s.proc.Process.Pid
-}
-
-func (s *Server) signal(t testing.TB, sig syscall.Signal) {
-	t.Helper()
-	s.mu.Lock()
-	proc := s.proc
-	s.mu.Unlock()
-	if proc == nil {
-		t.Fatal("vault server is not running")
-	}
-	if err := syscall.Kill(-proc.Process.Pid, sig); err != nil {
-		t.Fatalf("signal vault server: %v", err)
-	}
 }
 
 func (s *Server) kill() {
