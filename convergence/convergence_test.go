@@ -328,6 +328,17 @@ func TestEndpointURLs(t *testing.T) {
 	if got, err = EndpointURLs(context.Background(), kube); err != nil || strings.Join(got, " ") != "https://10.1.0.1:443" {
 		t.Errorf("Endpoints fallback = %v, %v", got, err)
 	}
+	// No endpoint reconciler: neither object exists. None listed, no error,
+	// so the observer reads the kubeconfig's server (and says so).
+	kube = fake.NewClientset()
+	if got, err = EndpointURLs(context.Background(), kube); err != nil || len(got) != 0 {
+		t.Errorf("no EndpointSlices and no Endpoints = %v, %v; want none and no error", got, err)
+	}
+	o := &Observer{Kube: kube, Config: &rest.Config{Host: "https://127.0.0.1:6443/"}, FromEndpoints: true}
+	urls, warning, err := o.urls(context.Background())
+	if err != nil || strings.Join(urls, " ") != "https://127.0.0.1:6443" || !strings.Contains(warning, "lists no apiserver endpoints") {
+		t.Errorf("urls without endpoints = %v, %q, %v; want the kubeconfig's server and a warning", urls, warning, err)
+	}
 }
 
 func TestParseReadyz(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 )
@@ -114,6 +115,12 @@ func EndpointURLs(ctx context.Context, kube kubernetes.Interface) ([]string, err
 	}
 	// Endpoints is deprecated in favour of EndpointSlices; older clusters have only it.
 	eps, err := kube.CoreV1().Endpoints(metav1.NamespaceDefault).Get(ctx, "kubernetes", metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		// No endpoint reconciler (--endpoint-reconciler-type=none, some
+		// single-node distributions): none listed, so the caller reads the
+		// kubeconfig's server instead of failing.
+		return nil, nil
+	}
 	if err != nil {
 		return nil, fmt.Errorf("the kubernetes service has no EndpointSlices, and its Endpoints: %w", err)
 	}
