@@ -50,6 +50,10 @@ if [[ $bases == local ]] || { [[ $bases == auto ]] && [[ -z ${GO_IMAGE:-}${RUNTI
   # The local builder's `go mod download` reaches the module proxy as this host does.
   # and, to save the downloads and compiles, gets this host's module cache and a
   # build cache of its own (build-time mounts: nothing of them is in the image).
+  # Fill that cache on the host first: the builder then finds every module there and
+  # needs no network of its own (its CA bundle is Debian's, which may not trust a proxy
+  # this host trusts; a partly filled cache made it fetch, and fail).
+  go mod download
   mkdir -p "${KUBEKMS_CACHE:-$HOME/.cache/kubekms}/image-go-build"
   build_args+=(--network host -v "$(go env GOMODCACHE):/go/pkg/mod"
     -v "${KUBEKMS_CACHE:-$HOME/.cache/kubekms}/image-go-build:/root/.cache/go-build")
