@@ -110,19 +110,11 @@ func readPeers(path string) ([]member, error) {
 // current key in the URI's range. It returns the key's peers-file line.
 // Provisioning again is a rotation.
 func Provision(_ context.Context, uri, node string) (string, error) {
-	u, err := ParseURI(uri)
+	u, d, hs, err := openKeyRange(uri)
 	if err != nil {
 		return "", err
-	}
-	d, err := openDevice(u.Device)
-	if err != nil {
-		return "", fmt.Errorf("open TPM %s: %w", u.Device, err)
 	}
 	defer d.Close()
-	hs, err := persistentHandles(d, u.First, u.Last)
-	if err != nil {
-		return "", err
-	}
 	h := u.First
 	if len(hs) > 0 {
 		h = slices.Max(hs) + 1
@@ -158,21 +150,32 @@ func Provision(_ context.Context, uri, node string) (string, error) {
 	return publicLine(d, h, node, u.PCRs)
 }
 
-// PublicLine returns the peers-file line of this node's current key.
-func PublicLine(_ context.Context, uri, node string) (string, error) {
+// openKeyRange parses uri, opens its TPM and lists the persistent handles
+// in its key range. The caller closes the device.
+func openKeyRange(uri string) (KeyURI, transport.TPMCloser, []tpm2.TPMHandle, error) {
 	u, err := ParseURI(uri)
 	if err != nil {
-		return "", err
+		return KeyURI{}, nil, nil, err
 	}
 	d, err := openDevice(u.Device)
 	if err != nil {
-		return "", fmt.Errorf("open TPM %s: %w", u.Device, err)
+		return KeyURI{}, nil, nil, fmt.Errorf("open TPM %s: %w", u.Device, err)
 	}
-	defer d.Close()
 	hs, err := persistentHandles(d, u.First, u.Last)
+	if err != nil {
+		d.Close()
+		return KeyURI{}, nil, nil, err
+	}
+	return u, d, hs, nil
+}
+
+// PublicLine returns the peers-file line of this node's current key.
+func PublicLine(_ context.Context, uri, node string) (string, error) {
+	u, d, hs, err := openKeyRange(uri)
 	if err != nil {
 		return "", err
 	}
+	defer d.Close()
 	if len(hs) == 0 {
 		return "", fmt.Errorf("no key at 0x%x-0x%x: run kubekms tpm provision", uint32(u.First), uint32(u.Last))
 	}
