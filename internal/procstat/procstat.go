@@ -20,18 +20,28 @@ const clockTick = 10 * time.Millisecond
 // CPU is the user and system CPU time process pid has used so far
 // (zeros once it has ended or when /proc cannot be read).
 func CPU(pid int) (user, sys time.Duration) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, 0
-	}
-	// Fields after the command name, which is in parentheses and may hold spaces.
-	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-	if len(f) < 13 {
+	f, ok := StatFields(fmt.Sprintf("/proc/%d/stat", pid))
+	if !ok || len(f) < 13 {
 		return 0, 0
 	}
 	ut, _ := strconv.ParseInt(f[11], 10, 64)
 	st, _ := strconv.ParseInt(f[12], 10, 64)
 	return time.Duration(ut) * clockTick, time.Duration(st) * clockTick
+}
+
+// StatFields are the fields of a /proc/PID/stat (or .../task/TID/stat) file
+// after the command name, from the state on; ok is false when the file is
+// gone or malformed. The name is in parentheses and may hold spaces.
+func StatFields(path string) (fields []string, ok bool) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return nil, false
+	}
+	return strings.Fields(string(b[i+1:])), true
 }
 
 // StatusKiB is a kB field of /proc/PID/status, such as VmHWM (peak resident

@@ -4,7 +4,9 @@ package procstat
 
 import (
 	"os"
+	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
@@ -39,5 +41,19 @@ func TestSelf(t *testing.T) {
 	runtime.KeepAlive(buf)
 	if u, s := CPU(1 << 30); u != 0 || s != 0 {
 		t.Fatalf("CPU of no process: %s %s", u, s)
+	}
+}
+
+func TestStatFieldsAfterAnAwkwardName(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "stat")
+	if err := os.WriteFile(p, []byte("42 (a b) c)) T 1 42 42 0\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, ok := StatFields(p)
+	if !ok || strings.Join(f, " ") != "T 1 42 42 0" {
+		t.Fatalf("StatFields = %q, %v; want the fields after the last ')'", f, ok)
+	}
+	if _, ok := StatFields(filepath.Join(t.TempDir(), "gone")); ok {
+		t.Fatal("StatFields of a missing file: ok")
 	}
 }

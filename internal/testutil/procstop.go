@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kubekms/kubekms/internal/procstat"
 )
 
 // StopGroup sends SIGSTOP to the process group pgid and waits until every
@@ -68,18 +70,8 @@ func runningInGroup(pgid int) (int, error) {
 // procStat reads the state and process group from a /proc stat file; ok is
 // false if the file is gone or malformed.
 func procStat(path string) (state byte, pgrp int, ok bool) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, 0, false
-	}
-	// The command name is in parentheses and may contain spaces: the
-	// fields after it are "state ppid pgrp ...".
-	i := strings.LastIndexByte(string(b), ')')
-	if i < 0 {
-		return 0, 0, false
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 3 || len(f[0]) != 1 {
+	f, ok := procstat.StatFields(path)
+	if !ok || len(f) < 3 || len(f[0]) != 1 {
 		return 0, 0, false
 	}
 	g, err := strconv.Atoi(f[2])
