@@ -8,14 +8,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/maphash"
-	"os"
+	"math"
 	"runtime/debug"
-	"syscall"
-	"time"
 
-	bolt "go.etcd.io/bbolt"
-	bolterrors "go.etcd.io/bbolt/errors"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -70,34 +65,33 @@ func init() {
 
 type fileSource struct {
 	path string
-	db   *bolt.DB
-	tx   *bolt.Tx
-	live []entry
+	file *boltFile
+	live []record // the latest revision of every live key, in revision order
 }
 
-type entry struct {
-	key, value []byte // alias the read-only mmap; valid while tx is open
-	dead       bool
+// record is a marshalled mvccpb.KeyValue in the mapped file: pointer-free,
+// so the index costs the garbage collector nothing to scan.
+type record struct {
+	off  uint64
+	n    uint32
+	dead bool // superseded by a later revision, or a deletion
 }
+
+func (s *fileSource) kv(r record) []byte { return s.file.data[r.off : r.off+uint64(r.n)] }
 
 // OpenFile reads an etcd snapshot file (or a stopped member's member/snap/db)
 // and keeps the latest revision of every key under prefix, without deleted
-// keys. It reads the file sequentially once and copies no values.
+// keys. It walks the file once and copies no values.
 //
 // Any file is safe to pass: one that is not a complete, sound etcd snapshot
 // (empty, truncated, still being copied, a FIFO or folder, garbage, a cycle
-// in its page tree) gives an error, never a crash or a hang (see checkFile).
+// in its page tree) gives an error, never a crash or a hang (see boltFile).
 func OpenFile(ctx context.Context, path string, prefix []byte) (_ Source, err error) {
-	// O_NONBLOCK: opening a FIFO must not wait for a writer.
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
+	file, err := openBoltFile(ctx, path)
 	if err != nil {
-		return nil, fmt.Errorf("etcd snapshot: %w", err)
-	}
-	if err := checkFile(ctx, f, path); err != nil {
-		f.Close()
 		return nil, err
 	}
-	s := &fileSource{path: path}
+	s := &fileSource{path: path, file: file}
 	defer func() {
 		if err != nil {
 			s.Close()
@@ -105,39 +99,15 @@ func OpenFile(ctx context.Context, path string, prefix []byte) (_ Source, err er
 	}()
 	defer s.recoverInto(&err, false)
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	// bbolt opens (and closes) the file checked above, so it cannot be swapped.
-	opened := false
-	db, err := bolt.Open(path, 0o400, &bolt.Options{ReadOnly: true, Timeout: 2 * time.Second,
-		OpenFile: func(string, int, os.FileMode) (*os.File, error) {
-			if opened {
-				return nil, errors.New("opened twice")
-			}
-			opened = true
-			return f, nil
-		}})
-	if err != nil {
-		if !opened {
-			f.Close()
-		}
-		if errors.Is(err, bolterrors.ErrTimeout) {
-			return nil, fmt.Errorf("etcd snapshot %s is locked (is an etcd server using it?): %w", path, err)
-		}
-		return nil, fmt.Errorf("open etcd snapshot %s: %w", path, err)
-	}
-	s.db = db
-	if s.tx, err = db.Begin(false); err != nil {
-		return nil, fmt.Errorf("read etcd snapshot %s: %w", path, err)
-	}
-	if err := s.load(ctx, path, prefix); err != nil {
+	if err := s.load(path, prefix); err != nil {
 		return nil, err
 	}
 	return s, nil
 }
 
-// recoverInto turns a panic while bbolt reads the file (its assertions on a
-// damaged page, or a fault reading the mapping of a file that shrank) into
-// an error. With faultsOnly, other panics (bugs in a caller's callback) go
-// on.
+// recoverInto turns a panic while the file is read (a fault reading the
+// mapping of a file that shrank) into an error. With faultsOnly, other
+// panics (bugs in a caller's callback) go on.
 func (s *fileSource) recoverInto(err *error, faultsOnly bool) {
 	r := recover()
 	if r == nil {
@@ -154,81 +124,63 @@ func (s *fileSource) recoverInto(err *error, faultsOnly bool) {
 	*err = fmt.Errorf("etcd snapshot %s is damaged: %v", s.path, r)
 }
 
-func (s *fileSource) load(ctx context.Context, path string, prefix []byte) error {
-	b := s.tx.Bucket(keyBucket)
-	if b == nil {
-		return fmt.Errorf("%s is not an etcd v3 snapshot: no %q bucket", path, keyBucket)
-	}
-	// Index live keys by a 64-bit hash of the key (cheaper than string keys:
-	// no allocation, no long compares); a hit is confirmed against the key
-	// bytes and true collisions go to a string-keyed overflow map.
-	seed := maphash.MakeSeed()
+// load walks bucket "key" once and keeps, of the revisions under prefix,
+// the latest of each key (as an offset into the mapping), dropping keys
+// whose latest revision is a deletion.
+func (s *fileSource) load(path string, prefix []byte) error {
 	// Size hint: etcd values of kube objects are rarely under 256 bytes, so
-	// this seldom over-reserves, and saves most regrowing of both.
-	n0 := int(min(s.tx.Size()/1024, 1<<24))
-	index := make(map[uint64]int32, n0)
-	s.live = make([]entry, 0, n0)
-	overflow := map[string]int32{}
-	lookup := func(key []byte) (uint64, int32, bool) {
-		h := maphash.Bytes(seed, key)
-		if i, ok := index[h]; ok {
-			if string(s.live[i].key) == string(key) {
-				return h, i, true
-			}
-			i, ok := overflow[string(key)]
-			return h, i, ok
-		}
-		return h, 0, false
-	}
-	set := func(h uint64, key []byte, i int32) {
-		if j, ok := index[h]; ok && string(s.live[j].key) != string(key) {
-			overflow[string(key)] = i
-			return
-		}
-		index[h] = i
-	}
-	c := b.Cursor()
-	n := 0
-	for rev, kv := c.First(); rev != nil; rev, kv = c.Next() {
-		if n++; n%65536 == 0 {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-		}
+	// this seldom over-reserves, and saves most regrowing.
+	n0 := min(len(s.file.data)/1024, 1<<24)
+	s.live = make([]record, 0, n0)
+	index := newKeyIndex(n0)
+	found, err := s.file.bucket(keyBucket, func(rev, kv []byte, off int, flags uint32) error {
 		tombstone := false
 		switch {
+		case flags&bucketLeafFlag != 0:
+			return fmt.Errorf("revision %x is a nested bucket, not a value", rev)
 		case len(rev) == revBytesLen:
 		case len(rev) == markedRevBytesLen && rev[revBytesLen] == markTombstone:
 			tombstone = true
 		default:
-			return fmt.Errorf("%s: bucket %q has a %d-byte revision key, want %d or %d", path, keyBucket, len(rev), revBytesLen, markedRevBytesLen)
+			return fmt.Errorf("bucket %q has a %d-byte revision key, want %d or %d", keyBucket, len(rev), revBytesLen, markedRevBytesLen)
 		}
-		key, value, err := parseKeyValue(kv)
+		key, _, err := parseKeyValue(kv)
 		if err != nil {
-			return fmt.Errorf("%s: revision %x: %w", path, rev, err)
+			return fmt.Errorf("revision %x: %w", rev, err)
 		}
 		if !hasPrefix(key, prefix) {
-			continue
+			return nil
 		}
-		h, i, ok := lookup(key)
-		if ok {
-			s.live[i].dead = true // superseded or deleted; a dead entry keeps its key for lookups
+		if len(s.live) == math.MaxUint32-1 {
+			return fmt.Errorf("over %d revisions", len(s.live))
 		}
-		if tombstone {
-			continue
+		if prev, ok := index.add(key, s.key); ok {
+			s.live[prev].dead = true // superseded or deleted
 		}
-		set(h, key, int32(len(s.live)))
-		s.live = append(s.live, entry{key: key, value: value})
+		s.live = append(s.live, record{off: uint64(off), n: uint32(len(kv)), dead: tombstone})
+		return nil
+	})
+	switch {
+	case err != nil:
+		return fmt.Errorf("etcd snapshot %s is damaged: %w", path, err)
+	case !found:
+		return fmt.Errorf("%s is not an etcd v3 snapshot: no %q bucket", path, keyBucket)
 	}
 	// Drop superseded versions so Len and Each agree.
 	out := s.live[:0]
-	for _, e := range s.live {
-		if !e.dead {
-			out = append(out, e)
+	for _, r := range s.live {
+		if !r.dead {
+			out = append(out, r)
 		}
 	}
 	s.live = out
 	return nil
+}
+
+// key returns the key of record i (parsed again: only on a hash match).
+func (s *fileSource) key(i int) []byte {
+	key, _, _ := parseKeyValue(s.kv(s.live[i]))
+	return key
 }
 
 func hasPrefix(b, prefix []byte) bool {
@@ -337,13 +289,17 @@ func (s *fileSource) Len() int { return len(s.live) }
 func (s *fileSource) Each(ctx context.Context, fn func(key, value []byte) error) (err error) {
 	defer s.recoverInto(&err, true)
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	for i, e := range s.live {
+	for i, r := range s.live {
 		if i%4096 == 0 {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
 		}
-		if err := fn(e.key, e.value); err != nil {
+		key, value, err := parseKeyValue(s.kv(r))
+		if err != nil { // parsed when opened: the file was overwritten since
+			return fmt.Errorf("etcd snapshot %s changed while being read: %w", s.path, err)
+		}
+		if err := fn(key, value); err != nil {
 			return err
 		}
 	}
@@ -351,14 +307,10 @@ func (s *fileSource) Each(ctx context.Context, fn func(key, value []byte) error)
 }
 
 func (s *fileSource) Close() error {
-	var errs []error
-	if s.tx != nil {
-		errs = append(errs, s.tx.Rollback())
-		s.tx = nil
+	if s.file == nil {
+		return nil
 	}
-	if s.db != nil {
-		errs = append(errs, s.db.Close())
-		s.db = nil
-	}
-	return errors.Join(errs...)
+	err := s.file.Close()
+	s.file = nil
+	return err
 }
