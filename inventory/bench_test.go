@@ -20,10 +20,13 @@ const benchKeys = 100_000
 // live keys: 60% KMS v2 secrets under two key_ids (~600-byte values), 30%
 // plaintext configmaps, 10% KMS v2 objects of a CRD, plus 10% extra
 // superseded versions and a few deletions that the reader must resolve.
-func benchSnapshot(b *testing.B) string {
-	b.Helper()
-	path := filepath.Join(b.TempDir(), "bench.db")
-	old, cur := sealer(b, fakeKMS{"key-old"}, "kubekms"), sealer(b, fakeKMS{"key-new"}, "kubekms")
+func benchSnapshot(b *testing.B) string { return mixedSnapshot(b, benchKeys) }
+
+// mixedSnapshot writes the benchmark's snapshot with n live keys.
+func mixedSnapshot(tb testing.TB, n int) string {
+	tb.Helper()
+	path := filepath.Join(tb.TempDir(), "bench.db")
+	old, cur := sealer(tb, fakeKMS{"key-old"}, "kubekms"), sealer(tb, fakeKMS{"key-new"}, "kubekms")
 	payload := make([]byte, 480)
 	plain := append([]byte("k8s\x00"), payload...)
 	err := snapshottest.Write(path, func(yield func(snapshottest.Op) bool) {
@@ -32,12 +35,12 @@ func benchSnapshot(b *testing.B) string {
 			if s != nil {
 				var err error
 				if v, err = s.Seal(payload, []byte(key)); err != nil {
-					b.Fatal(err)
+					tb.Fatal(err)
 				}
 			}
 			return yield(snapshottest.Op{Key: []byte(key), Value: v})
 		}
-		for i := range benchKeys {
+		for i := range n {
 			var ok bool
 			switch {
 			case i%10 < 6:
@@ -60,10 +63,22 @@ func benchSnapshot(b *testing.B) string {
 					return
 				}
 			}
+			if i%1000 == 999 { // a deletion, and the key written again
+				k := fmt.Sprintf("/registry/secrets/ns-%d/secret-%d", (i-9)%100, i-9)
+				if !yield(snapshottest.Op{Key: []byte(k), Delete: true}) || !op(k, old) {
+					return
+				}
+			}
+			if i%1000 == 500 { // a deleted key
+				k := fmt.Sprintf("/registry/deleted/ns/d-%d", i)
+				if !op(k, cur) || !yield(snapshottest.Op{Key: []byte(k), Delete: true}) {
+					return
+				}
+			}
 		}
 	})
 	if err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
 	return path
 }

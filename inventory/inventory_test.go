@@ -213,3 +213,37 @@ func TestNameKeyIDs(t *testing.T) {
 		t.Fatalf("table lacks the key names:\n%s", out.String())
 	}
 }
+
+// The inventory of the benchmark's snapshot through the fast reader is the
+// inventory through the reference reader (bbolt's cursor, proto.Unmarshal,
+// a map of keys), field by field.
+func TestScanFastReaderMatchesReference(t *testing.T) {
+	const n = 30_000
+	path := mixedSnapshot(t, n)
+	ctx := context.Background()
+	ref, err := snapshottest.Read(path, []byte(RegistryPrefix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := Scan(ctx, ref, Options{CurrentKeyID: "key-new"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := snapshot.OpenFile(ctx, path, []byte(RegistryPrefix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	got, err := Scan(ctx, src, Options{CurrentKeyID: "key-new"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, _ := json.Marshal(got)
+	w, _ := json.Marshal(want)
+	if !bytes.Equal(g, w) {
+		t.Fatalf("fast reader:\n%s\nreference reader:\n%s", g, w)
+	}
+	if want.Totals.Objects != n || want.Totals.Stale == 0 || want.Totals.Plaintext == 0 {
+		t.Fatalf("the fixture does not exercise the scan: %+v", want.Totals)
+	}
+}

@@ -5,6 +5,8 @@
 package snapshottest
 
 import (
+	"bytes"
+	"context"
 	"encoding/binary"
 	"fmt"
 
@@ -73,3 +75,75 @@ func Write(path string, ops func(yield func(Op) bool)) error {
 	}
 	return flush()
 }
+
+// Reference reads a snapshot the slow, obvious way, to check the fast
+// reader against: bbolt's own cursor over bucket "key", proto.Unmarshal of
+// every mvccpb.KeyValue, and a map from key to its latest revision. It has
+// snapshot.Source's methods and yields in the same order (by the revision of
+// each key's latest version). Only for files this package wrote: bbolt
+// trusts its file.
+type Reference struct {
+	kvs []*mvccpb.KeyValue
+}
+
+// Read reads the latest revision of every live key under prefix of the
+// snapshot at path.
+func Read(path string, prefix []byte) (*Reference, error) {
+	db, err := bolt.Open(path, 0o400, &bolt.Options{ReadOnly: true})
+	if err != nil {
+		return nil, err
+	}
+	defer db.Close()
+	latest := map[string]int{} // key -> index in all
+	var all []*mvccpb.KeyValue // nil for a deletion
+	err = db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket([]byte("key"))
+		if b == nil {
+			return fmt.Errorf("%s: no bucket key", path)
+		}
+		return b.ForEach(func(rev, v []byte) error {
+			kv := &mvccpb.KeyValue{}
+			if err := proto.Unmarshal(v, kv); err != nil {
+				return fmt.Errorf("revision %x: %w", rev, err)
+			}
+			if !bytes.HasPrefix(kv.Key, prefix) {
+				return nil
+			}
+			if i, ok := latest[string(kv.Key)]; ok {
+				all[i] = nil
+			}
+			latest[string(kv.Key)] = len(all)
+			if len(rev) == 18 && rev[17] == 't' {
+				kv = nil
+			}
+			all = append(all, kv)
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	r := &Reference{}
+	for _, kv := range all {
+		if kv != nil {
+			r.kvs = append(r.kvs, kv)
+		}
+	}
+	return r, nil
+}
+
+func (r *Reference) Len() int { return len(r.kvs) }
+
+func (r *Reference) Each(ctx context.Context, fn func(key, value []byte) error) error {
+	for _, kv := range r.kvs {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := fn(kv.Key, kv.Value); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (r *Reference) Close() error { return nil }
