@@ -154,12 +154,13 @@ func (s *fileSource) load(path string, prefix []byte) error {
 		if len(s.live) == math.MaxUint32-1 {
 			return fmt.Errorf("over %d revisions", len(s.live))
 		}
-		if prev, ok := index.add(key, s.key); ok {
-			s.live[prev].dead = true // superseded or deleted
-		}
 		s.live = append(s.live, record{off: uint64(off), n: uint32(len(kv)), dead: tombstone})
+		if index.add(key) {
+			index.resolve(s.key, s.supersede)
+		}
 		return nil
 	})
+	index.resolve(s.key, s.supersede)
 	switch {
 	case err != nil:
 		return fmt.Errorf("etcd snapshot %s is damaged: %w", path, err)
@@ -176,6 +177,9 @@ func (s *fileSource) load(path string, prefix []byte) error {
 	s.live = out
 	return nil
 }
+
+// supersede marks record i as superseded (by a later revision or a deletion).
+func (s *fileSource) supersede(i int) { s.live[i].dead = true }
 
 // key returns the key of record i (parsed again: only on a hash match).
 func (s *fileSource) key(i int) []byte {
