@@ -238,3 +238,27 @@ func FuzzOpenFile(f *testing.F) {
 		_ = src.Each(context.Background(), func(k, v []byte) error { return nil })
 	})
 }
+
+// A member file a running etcd holds (an exclusive flock) is refused after
+// the lock timeout, as bbolt's read-only open refuses it.
+func TestOpenFileLocked(t *testing.T) {
+	p := writeFile(t, fixture(t, 10))
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	_, err = open(t, p)
+	if err == nil || !strings.Contains(err.Error(), "is locked (is an etcd server using it?)") {
+		t.Fatalf("OpenFile on a locked file: %v", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_UN); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := open(t, p); err != nil || n != 10 {
+		t.Fatalf("after the lock is released: %d keys, %v", n, err)
+	}
+}
