@@ -25,8 +25,11 @@ type keyIndex struct {
 // resolveBatch is how many records add collects before resolve is due.
 const resolveBatch = 1024
 
+// newKeyIndex makes an index for about sizeHint records; its table starts
+// at half that (it is zeroed and probed at random: a table too big costs
+// cache misses) and grows as needed.
 func newKeyIndex(sizeHint int) *keyIndex {
-	return &keyIndex{seed: maphash.MakeSeed(), hashes: make([]uint64, 0, sizeHint), table: make([]uint64, tableSize(sizeHint))}
+	return &keyIndex{seed: maphash.MakeSeed(), hashes: make([]uint64, 0, sizeHint), table: make([]uint64, tableSize(sizeHint/2))}
 }
 
 func tableSize(n int) int {

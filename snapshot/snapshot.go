@@ -128,9 +128,10 @@ func (s *fileSource) recoverInto(err *error, faultsOnly bool) {
 // the latest of each key (as an offset into the mapping), dropping keys
 // whose latest revision is a deletion.
 func (s *fileSource) load(path string, prefix []byte) error {
-	// Size hint: etcd values of kube objects are rarely under 256 bytes, so
-	// this seldom over-reserves, and saves most regrowing.
-	n0 := min(len(s.file.data)/1024, 1<<24)
+	// Size hint: a revision of a kube object takes rarely under 512 bytes
+	// of the file, so this seldom regrows (a copy); capacity never used is
+	// never touched, so it costs address space, not memory.
+	n0 := min(len(s.file.data)/512, 1<<24)
 	s.live = make([]record, 0, n0)
 	index := newKeyIndex(n0)
 	found, err := s.file.bucket(keyBucket, func(rev, kv []byte, off int, flags uint32) error {
