@@ -247,3 +247,14 @@ func TestScanFastReaderMatchesReference(t *testing.T) {
 		t.Fatalf("the fixture does not exercise the scan: %+v", want.Totals)
 	}
 }
+
+// resourceKey knows every alias of keyAliases (its one-part ones are a
+// switch, not a lookup).
+func TestResourceKeyKnowsEveryAlias(t *testing.T) {
+	for old, res := range keyAliases {
+		key := RegistryPrefix + old + "/ns/name"
+		if got, ok := resourceKey(nil, []byte(key), []byte(RegistryPrefix)); !ok || string(got) != res {
+			t.Errorf("resourceKey(%q) = %q, %v; want %q", key, got, ok, res)
+		}
+	}
+}
