@@ -212,7 +212,7 @@ func benchDecryptCold(b *testing.B, svc keyservice.Service) {
 			b.Fatalf("seal %d: %v", i, err)
 		}
 		sealed[i] = s
-		annotations[string(s.Annotations[hierarchy.AnnotationKey])] = true
+		annotations[string(s.LocalKEK())] = true
 	}
 	if len(annotations) != kekCount {
 		b.Fatalf("%d values were sealed under %d local KEKs, want %d", kekCount, len(annotations), kekCount)

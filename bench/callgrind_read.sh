@@ -11,7 +11,7 @@ n="${1:-8192}"
 work="$(mktemp -d /tmp/kkcgr.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
 go test -c -o "$work/bench.test" ./bench/
-for p in identity aescbc aesgcm kms-v2 kms-v2-kubekms-sizes; do
+for p in identity aescbc aesgcm kms-v2 kms-v2-kubekms kms-v2-kubekms-format2; do
   totals=()
   for reads in "$n" "$((2 * n))"; do
     # Async preemption signals confuse valgrind; they are not on the measured path.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -14,26 +15,27 @@ import (
 	"github.com/kubekms/kubekms/keyservice/softkey"
 )
 
-// goldenV1 is a seal made by kubekms before format 2 (testdata/seal-v1: the
-// keyring and the Encrypt answer, written by the format-1 code).
-type goldenV1 struct {
+// golden is a seal made by an earlier kubekms (testdata/seal-vN: the keyring
+// and the Encrypt answer, written by the code of format N).
+type golden struct {
 	KeyID      string `json:"key_id"`
 	Ciphertext []byte `json:"ciphertext"`
 	Annotation []byte `json:"annotation"`
 	Plaintext  []byte `json:"plaintext"`
 }
 
-func openGoldenV1(t *testing.T) (*hierarchy.Hierarchy, *keyservicetest.Counting, goldenV1) {
+func openGolden(t *testing.T, format int) (*hierarchy.Hierarchy, *keyservicetest.Counting, golden) {
 	t.Helper()
-	data, err := os.ReadFile("testdata/seal-v1/seal-v1.json")
+	dir := fmt.Sprintf("testdata/seal-v%d", format)
+	data, err := os.ReadFile(filepath.Join(dir, fmt.Sprintf("seal-v%d.json", format)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var g goldenV1
+	var g golden
 	if err := json.Unmarshal(data, &g); err != nil {
 		t.Fatal(err)
 	}
-	ring, err := os.ReadFile("testdata/seal-v1/keyring.json")
+	ring, err := os.ReadFile(filepath.Join(dir, "keyring.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,18 +56,23 @@ func openGoldenV1(t *testing.T) (*hierarchy.Hierarchy, *keyservicetest.Counting,
 	return h, c, g
 }
 
-// TestFormatV1StillDecrypts: data written before format 2 stays readable.
-func TestFormatV1StillDecrypts(t *testing.T) {
-	h, _, g := openGoldenV1(t)
-	if g.Ciphertext[0] != 1 {
-		t.Fatalf("golden seal has format %d, want 1", g.Ciphertext[0])
-	}
-	got, err := h.Decrypt(context.Background(), g.KeyID, g.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: g.Annotation})
-	if err != nil {
-		t.Fatalf("format-1 seal: %v", err)
-	}
-	if !bytes.Equal(got, g.Plaintext) {
-		t.Fatal("format-1 seal opened to other bytes")
+// TestOlderFormatsStillDecrypt: data written before format 2 and before
+// format 3 stays readable.
+func TestOlderFormatsStillDecrypt(t *testing.T) {
+	for _, format := range []int{1, 2} {
+		t.Run(fmt.Sprintf("format %d", format), func(t *testing.T) {
+			h, _, g := openGolden(t, format)
+			if int(g.Ciphertext[0]) != format {
+				t.Fatalf("golden seal has format %d, want %d", g.Ciphertext[0], format)
+			}
+			got, err := h.Decrypt(context.Background(), g.KeyID, g.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: g.Annotation})
+			if err != nil {
+				t.Fatalf("format-%d seal: %v", format, err)
+			}
+			if !bytes.Equal(got, g.Plaintext) {
+				t.Fatalf("format-%d seal opened to other bytes", format)
+			}
+		})
 	}
 }
 
@@ -84,7 +91,7 @@ func nulShift(t *testing.T, keyID string, ann []byte) (string, []byte) {
 
 func TestAmbiguousAADIsRefused(t *testing.T) {
 	t.Run("format 1", func(t *testing.T) {
-		h, _, g := openGoldenV1(t)
+		h, _, g := openGolden(t, 1)
 		// The genuine value first, so its local KEK is cached.
 		if _, err := h.Decrypt(context.Background(), g.KeyID, g.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: g.Annotation}); err != nil {
 			t.Fatal(err)
@@ -96,7 +103,9 @@ func TestAmbiguousAADIsRefused(t *testing.T) {
 	})
 	t.Run("format 2", func(t *testing.T) {
 		f := newFixture(t)
-		h := f.open(t, f.config())
+		cfg := f.config()
+		cfg.SealFormat = hierarchy.SealFormatAnnotation
+		h := f.open(t, cfg)
 		s := encrypt(t, h)
 		decrypt(t, h, s)
 		keyID, ann := nulShift(t, s.KeyID, s.Annotations[hierarchy.AnnotationKey])
@@ -118,14 +127,12 @@ func TestRefusedRequestsCostNothing(t *testing.T) {
 	other := encrypt(t, f.open(t, f.config())) // local KEK 1
 	third := encrypt(t, f.open(t, f.config())) // local KEK 2, not cached by h
 	decrypt(t, h, other)                       // cache: KEK 0, KEK 1 (most recent)
-	forge := func(s hierarchy.Sealed) map[string][]byte {
-		ann := bytes.Clone(s.Annotations[hierarchy.AnnotationKey])
-		ann[8] ^= 1 // the creation time's last byte
-		return map[string][]byte{hierarchy.AnnotationKey: ann}
-	}
+	// forge changes the creation time's last byte of the local KEK, which
+	// a format-3 ciphertext carries after its 3-byte header.
+	forge := func(s hierarchy.Sealed) []byte { return flip(s.Ciphertext, 3+8) }
 	unwraps := f.svc.Calls("unwrap")
 	for range 10 {
-		if _, err := h.Decrypt(context.Background(), other.KeyID, other.Ciphertext, forge(other)); err == nil {
+		if _, err := h.Decrypt(context.Background(), other.KeyID, forge(other), nil); err == nil {
 			t.Fatal("a forged creation time was accepted")
 		}
 	}
@@ -134,7 +141,7 @@ func TestRefusedRequestsCostNothing(t *testing.T) {
 	}
 	// A forged value of a local KEK h has not seen costs its unwrap, but is
 	// not cached: KEKs 0 and 1 stay.
-	if _, err := h.Decrypt(context.Background(), third.KeyID, third.Ciphertext, forge(third)); err == nil {
+	if _, err := h.Decrypt(context.Background(), third.KeyID, forge(third), nil); err == nil {
 		t.Fatal("a forged creation time was accepted")
 	}
 	unwraps = f.svc.Calls("unwrap")

@@ -8,32 +8,56 @@ import (
 	"github.com/kubekms/kubekms/hierarchy"
 )
 
-// FuzzDecrypt feeds untrusted (key_id, ciphertext, annotation) triples to
-// Decrypt: it must never panic, and it may only succeed for the one genuine
-// value, returning its plaintext.
+// FuzzDecrypt feeds untrusted (key_id, ciphertext, annotation) triples, with
+// or without the annotation, to Decrypt: it must never panic, and it may only
+// succeed for the genuine values (one seal of format 2, one of format 3),
+// returning their plaintext.
 func FuzzDecrypt(f *testing.F) {
 	fx := newFixture(f)
-	h, err := hierarchy.New(context.Background(), fx.svc, fx.config())
+	cfg := fx.config()
+	cfg.SealFormat = hierarchy.SealFormatAnnotation
+	h, err := hierarchy.New(context.Background(), fx.svc, cfg)
 	if err != nil {
 		f.Fatal(err)
 	}
 	f.Cleanup(h.Close)
-	s, err := h.Encrypt(context.Background(), seed)
+	s2, err := h.Encrypt(context.Background(), seed)
 	if err != nil {
 		f.Fatal(err)
 	}
-	ann := s.Annotations[hierarchy.AnnotationKey]
-	f.Add(s.KeyID, s.Ciphertext, ann)
-	f.Add(s.KeyID, s.Ciphertext[:20], ann)
-	f.Add("", []byte{1}, []byte{1})
-	f.Add(s.KeyID, []byte{2, 0, 0}, ann[:9])
-	f.Fuzz(func(t *testing.T, keyID string, ct, annotation []byte) {
-		got, err := h.Decrypt(context.Background(), keyID, ct, map[string][]byte{hierarchy.AnnotationKey: annotation})
+	h3, err := hierarchy.New(context.Background(), fx.svc, fx.config())
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(h3.Close)
+	s3, err := h3.Encrypt(context.Background(), seed)
+	if err != nil {
+		f.Fatal(err)
+	}
+	ann, kek := s2.Annotations[hierarchy.AnnotationKey], s3.LocalKEK()
+	f.Add(s2.KeyID, s2.Ciphertext, ann, true)
+	f.Add(s2.KeyID, s2.Ciphertext[:20], ann, true)
+	f.Add(s3.KeyID, s3.Ciphertext, []byte(nil), false)
+	f.Add(s3.KeyID, s3.Ciphertext[:3+len(kek)+5], []byte(nil), false)
+	f.Add(s3.KeyID, s3.Ciphertext, kek, true)
+	f.Add("", []byte{1}, []byte{1}, true)
+	f.Add(s2.KeyID, []byte{2, 0, 0}, ann[:9], true)
+	f.Add(s3.KeyID, []byte{3, 0, 9}, []byte(nil), false)
+	genuine := func(keyID string, ct []byte, anns map[string][]byte) bool {
+		return keyID == s2.KeyID && bytes.Equal(ct, s2.Ciphertext) && bytes.Equal(anns[hierarchy.AnnotationKey], ann) && len(anns) == 1 ||
+			keyID == s3.KeyID && bytes.Equal(ct, s3.Ciphertext) && len(anns) == 0
+	}
+	f.Fuzz(func(t *testing.T, keyID string, ct, annotation []byte, annotated bool) {
+		var anns map[string][]byte
+		if annotated {
+			anns = map[string][]byte{hierarchy.AnnotationKey: annotation}
+		}
+		got, err := h.Decrypt(context.Background(), keyID, ct, anns)
 		if err != nil {
 			return
 		}
-		if keyID != s.KeyID || !bytes.Equal(ct, s.Ciphertext) || !bytes.Equal(annotation, ann) || !bytes.Equal(got, seed) {
-			t.Fatalf("Decrypt accepted a forged value (key_id %q, %d-byte ciphertext)", keyID, len(ct))
+		if !genuine(keyID, ct, anns) || !bytes.Equal(got, seed) {
+			t.Fatalf("Decrypt accepted a forged value (key_id %q, %d-byte ciphertext, annotated %v)", keyID, len(ct), annotated)
 		}
 	})
 }

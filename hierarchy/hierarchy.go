@@ -14,6 +14,7 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -60,6 +61,12 @@ type Config struct {
 	StatusBudget time.Duration
 	// State, if set, keeps the current local KEK (wrapped) across restarts.
 	State StateStore
+	// SealFormat is the ciphertext format Encrypt writes: SealFormatInline
+	// (the default) or SealFormatAnnotation. Decrypt reads every format.
+	// Plugins made before format 3 read formats 1 and 2 only, so during a
+	// rolling upgrade of several plugins that share data the new ones write
+	// format 2 until every one is upgraded (docs/operations.md).
+	SealFormat int
 
 	Logger  *slog.Logger
 	Metrics *metrics.Metrics
@@ -112,6 +119,9 @@ func (c *Config) defaults() {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
+	if c.SealFormat == 0 {
+		c.SealFormat = SealFormatInline
+	}
 }
 
 // localKEK is one local key-encrypting key.
@@ -146,7 +156,20 @@ type kekID struct{ keyID, wrapped string }
 type Sealed struct {
 	Ciphertext  []byte
 	KeyID       string
-	Annotations map[string][]byte
+	Annotations map[string][]byte // nil for format 3
+}
+
+// LocalKEK returns the encoded, wrapped local KEK that sealed s (inside the
+// ciphertext or in its annotation): equal values mean the same local KEK.
+func (s Sealed) LocalKEK() []byte {
+	if checkSealed(s.Ciphertext) != nil {
+		return nil
+	}
+	kek, _, err := splitSeal(s.Ciphertext, s.Annotations)
+	if err != nil {
+		return nil
+	}
+	return kek
 }
 
 // Hierarchy is safe for concurrent use.
@@ -180,6 +203,9 @@ type Hierarchy struct {
 // loop keeps trying (Status says why it is not ready).
 func New(ctx context.Context, svc keyservice.Service, cfg Config) (*Hierarchy, error) {
 	cfg.defaults()
+	if cfg.SealFormat != SealFormatAnnotation && cfg.SealFormat != SealFormatInline {
+		return nil, fmt.Errorf("seal format %d: want %d or %d", cfg.SealFormat, SealFormatAnnotation, SealFormatInline)
+	}
 	h := &Hierarchy{
 		svc: svc, cfg: cfg, log: cfg.Logger, m: cfg.Metrics, tracer: cfg.Tracer, now: cfg.Now,
 		remoteSem: make(chan struct{}, cfg.MaxConcurrentRemote),
@@ -286,21 +312,30 @@ func (h *Hierarchy) Encrypt(ctx context.Context, plaintext []byte) (Sealed, erro
 	if err != nil {
 		return Sealed{}, err
 	}
-	out := make([]byte, 1+nonceSize, SealOverhead+len(plaintext))
-	out[0] = sealV2
-	if _, err := rand.Read(out[1:]); err != nil {
+	format, size := sealV2, SealOverhead+len(plaintext)
+	if n := inlineSize(k.annotation, len(plaintext)); h.cfg.SealFormat == SealFormatInline && n <= MaxCiphertext {
+		format, size = sealV3, n
+	}
+	out := make([]byte, 0, size)
+	out = append(out, format)
+	if format == sealV3 {
+		out = binary.BigEndian.AppendUint16(out, uint16(len(k.annotation)))
+		out = append(out, k.annotation...)
+	}
+	nonce := out[len(out) : len(out)+nonceSize]
+	if _, err := rand.Read(nonce); err != nil {
 		return Sealed{}, fmt.Errorf("seal: nonce: %w", err)
 	}
-	out = k.aead.Seal(out, out[1:1+nonceSize], plaintext, sealAAD(sealV2, k.remoteKeyID, k.annotation))
-	return Sealed{
-		Ciphertext:  out,
-		KeyID:       k.remoteKeyID,
-		Annotations: map[string][]byte{AnnotationKey: k.annotation},
-	}, nil
+	out = k.aead.Seal(out[:len(out)+nonceSize], nonce, plaintext, sealAAD(format, k.remoteKeyID, k.annotation))
+	s := Sealed{Ciphertext: out, KeyID: k.remoteKeyID}
+	if format != sealV3 {
+		s.Annotations = map[string][]byte{AnnotationKey: k.annotation}
+	}
+	return s, nil
 }
 
 // Decrypt opens a ciphertext made by Encrypt, given the key ID and
-// annotations that Encrypt returned with it.
+// annotations that Encrypt returned with it (none for format 3).
 func (h *Hierarchy) Decrypt(ctx context.Context, keyID string, ciphertext []byte, annotations map[string][]byte) ([]byte, error) {
 	if err := checkSealed(ciphertext); err != nil {
 		return nil, err
@@ -308,11 +343,11 @@ func (h *Hierarchy) Decrypt(ctx context.Context, keyID string, ciphertext []byte
 	if err := checkKeyID(ciphertext[0], keyID); err != nil {
 		return nil, err
 	}
-	ann, ok := annotations[AnnotationKey]
-	if !ok {
-		return nil, badRequest("annotation %s is missing: the ciphertext was not made by kubekms", AnnotationKey)
+	ann, seal, err := splitSeal(ciphertext, annotations)
+	if err != nil {
+		return nil, err
 	}
-	parsed, err := decodeAnnotation(ann)
+	parsed, err := decodeAnnotation(ann, kekPlace(ciphertext[0]))
 	if err != nil {
 		return nil, err
 	}
@@ -320,10 +355,9 @@ func (h *Hierarchy) Decrypt(ctx context.Context, keyID string, ciphertext []byte
 		return nil, h.refusal("decrypt")
 	}
 	open := func(k *localKEK) ([]byte, error) {
-		nonce := ciphertext[1 : 1+nonceSize]
-		out, err := k.aead.Open(nil, nonce, ciphertext[1+nonceSize:], sealAAD(ciphertext[0], keyID, ann))
+		out, err := k.aead.Open(nil, seal[:nonceSize], seal[nonceSize:], sealAAD(ciphertext[0], keyID, ann))
 		if err != nil {
-			return nil, badRequest("ciphertext failed authentication: the ciphertext, key_id or annotation was altered or swapped")
+			return nil, badRequest("ciphertext failed authentication: the ciphertext, key_id or local KEK (annotation) was altered or swapped")
 		}
 		return out, nil
 	}
@@ -460,7 +494,7 @@ func (h *Hierarchy) rotate(ctx context.Context, reason string) (*localKEK, error
 
 // install makes k current and caches it for Decrypt.
 func (h *Hierarchy) install(k *localKEK, reason string) {
-	parsed, _ := decodeAnnotation(k.annotation) // our own annotation: well formed
+	parsed, _ := decodeAnnotation(k.annotation, "") // our own: well formed
 	h.cache.Add(kekID{k.remoteKeyID, string(parsed.wrapped)}, k)
 	h.current.Store(k)
 	h.m.KEKCreated(reason)

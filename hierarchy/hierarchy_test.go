@@ -97,55 +97,142 @@ func TestRoundTripAndNoRemoteCallPerOperation(t *testing.T) {
 		t.Fatalf("1000 round trips made %d remote crypto calls, want 1", got)
 	}
 	s := encrypt(t, h)
-	if len(s.Ciphertext) != hierarchy.SealOverhead+len(seed) || s.Ciphertext[0] != 2 {
-		t.Fatalf("ciphertext layout: %d bytes, version %d", len(s.Ciphertext), s.Ciphertext[0])
+	kek := s.LocalKEK()
+	if len(kek) == 0 || s.Annotations != nil || s.Ciphertext[0] != 3 ||
+		len(s.Ciphertext) != 3+len(kek)+hierarchy.SealOverhead-1+len(seed) {
+		t.Fatalf("ciphertext layout: %d bytes, version %d, %d-byte local KEK, annotations %v",
+			len(s.Ciphertext), s.Ciphertext[0], len(kek), s.Annotations)
 	}
 	if bytes.Contains(s.Ciphertext, seed) {
 		t.Fatal("ciphertext contains the plaintext")
 	}
 }
 
+// TestSealFormats: format 3 (the default) carries the local KEK inside the
+// ciphertext and no annotation; SealFormat 2 writes what plugins before
+// format 3 read; one hierarchy reads both; a seal too large for format 3
+// falls back to format 2; any other format is refused at New.
+func TestSealFormats(t *testing.T) {
+	f := newFixture(t)
+	cfg := f.config()
+	cfg.SealFormat = hierarchy.SealFormatAnnotation
+	h2 := f.open(t, cfg)
+	s2 := encrypt(t, h2)
+	if s2.Ciphertext[0] != 2 || len(s2.Ciphertext) != hierarchy.SealOverhead+len(seed) ||
+		!bytes.Equal(s2.Annotations[hierarchy.AnnotationKey], s2.LocalKEK()) {
+		t.Fatalf("format 2: version %d, %d bytes, annotations %v", s2.Ciphertext[0], len(s2.Ciphertext), s2.Annotations)
+	}
+	h3 := f.open(t, f.config())
+	s3 := encrypt(t, h3)
+	for _, h := range []*hierarchy.Hierarchy{h2, h3} {
+		decrypt(t, h, s2)
+		decrypt(t, h, s3)
+	}
+	// The largest plaintext does not fit format 3 with the local KEK: format 2.
+	big := bytes.Repeat([]byte{7}, hierarchy.MaxPlaintext)
+	sb, err := h3.Encrypt(context.Background(), big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sb.Ciphertext[0] != 2 || len(sb.Ciphertext) > hierarchy.MaxCiphertext || sb.Annotations == nil {
+		t.Fatalf("oversized for format 3: version %d, %d bytes", sb.Ciphertext[0], len(sb.Ciphertext))
+	}
+	if got, err := h2.Decrypt(context.Background(), sb.KeyID, sb.Ciphertext, sb.Annotations); err != nil || !bytes.Equal(got, big) {
+		t.Fatalf("fallback seal: %v", err)
+	}
+	for _, bad := range []int{1, 4, -1} {
+		cfg := f.config()
+		cfg.SealFormat = bad
+		if h, err := hierarchy.New(context.Background(), f.svc, cfg); err == nil {
+			h.Close()
+			t.Errorf("SealFormat %d accepted", bad)
+		}
+	}
+}
+
+type tamperCase struct {
+	keyID string
+	ct    []byte
+	ann   map[string][]byte
+}
+
+func flip(b []byte, i int) []byte { b = bytes.Clone(b); b[i] ^= 1; return b }
+
 func TestTamperingIsRefused(t *testing.T) {
 	f := newFixture(t)
+	refused := func(t *testing.T, h *hierarchy.Hierarchy, cases map[string]tamperCase) {
+		for name, tc := range cases {
+			t.Run(name, func(t *testing.T) {
+				got, err := h.Decrypt(context.Background(), tc.keyID, tc.ct, tc.ann)
+				if err == nil {
+					t.Fatalf("Decrypt accepted it (%d bytes)", len(got))
+				}
+				if !errors.Is(err, hierarchy.ErrBadRequest) && keyservice.Classify(err) != keyservice.ClassInvalid {
+					t.Fatalf("error %v is neither a bad request nor invalid input", err)
+				}
+				if bytes.Contains([]byte(err.Error()), seed) {
+					t.Fatal("error contains the plaintext")
+				}
+			})
+		}
+	}
+	common := func(s hierarchy.Sealed) map[string]tamperCase {
+		return map[string]tamperCase{
+			"ciphertext bit":       {s.KeyID, flip(s.Ciphertext, len(s.Ciphertext)-1), s.Annotations},
+			"nonce bit":            {s.KeyID, flip(s.Ciphertext, len(s.Ciphertext)-len(seed)-17), s.Annotations},
+			"unknown version":      {s.KeyID, append([]byte{9}, s.Ciphertext[1:]...), s.Annotations},
+			"empty ciphertext":     {s.KeyID, nil, s.Annotations},
+			"oversized ciphertext": {s.KeyID, append(bytes.Clone(s.Ciphertext), make([]byte, 1024)...), s.Annotations},
+			"truncated ciphertext": {s.KeyID, s.Ciphertext[:10], s.Annotations},
+			"key_id changed":       {s.KeyID + "x", s.Ciphertext, s.Annotations},
+			"empty key_id":         {"", s.Ciphertext, s.Annotations},
+		}
+	}
+	t.Run("format 2", func(t *testing.T) {
+		cfg := f.config()
+		cfg.SealFormat = hierarchy.SealFormatAnnotation
+		h := f.open(t, cfg)
+		s := encrypt(t, h)
+		other := encrypt(t, f.open(t, cfg)) // another local KEK, same remote key
+		ann := s.Annotations[hierarchy.AnnotationKey]
+		cases := common(s)
+		for name, tc := range map[string]tamperCase{
+			"missing annotation": {s.KeyID, s.Ciphertext, nil},
+			"annotation created": {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: flip(ann, 5)}},
+			"annotation wrapped": {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: flip(ann, len(ann)-1)}},
+			"annotation version": {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: flip(ann, 0)}},
+			"swapped annotation": {s.KeyID, s.Ciphertext, other.Annotations},
+			"empty annotation":   {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: {}}},
+			// Format 2's seal with its local KEK moved inside, as format 3.
+			"moved into the ciphertext": {s.KeyID, inline(ann, s.Ciphertext[1:]), nil},
+		} {
+			cases[name] = tc
+		}
+		refused(t, h, cases)
+	})
+	t.Run("format 3", func(t *testing.T) {
+		h := f.open(t, f.config())
+		s := encrypt(t, h)
+		other := encrypt(t, f.open(t, f.config()))
+		kek, okek := s.LocalKEK(), other.LocalKEK()
+		seal := s.Ciphertext[3+len(kek):]
+		cases := common(s)
+		for name, tc := range map[string]tamperCase{
+			"local KEK created":   {s.KeyID, flip(s.Ciphertext, 3+5), nil},
+			"local KEK wrapped":   {s.KeyID, flip(s.Ciphertext, 3+len(kek)-1), nil},
+			"local KEK version":   {s.KeyID, flip(s.Ciphertext, 3), nil},
+			"local KEK length":    {s.KeyID, flip(s.Ciphertext, 2), nil},
+			"local KEK too long":  {s.KeyID, append([]byte{3, 0xff, 0xff}, s.Ciphertext[3:]...), nil},
+			"empty local KEK":     {s.KeyID, inline(nil, seal), nil},
+			"swapped local KEK":   {s.KeyID, inline(okek, seal), nil},
+			"annotation as well":  {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: kek}},
+			"moved to annotation": {s.KeyID, append([]byte{2}, seal...), map[string][]byte{hierarchy.AnnotationKey: kek}},
+		} {
+			cases[name] = tc
+		}
+		refused(t, h, cases)
+	})
 	h := f.open(t, f.config())
-	s := encrypt(t, h)
-	other := encrypt(t, f.open(t, f.config())) // another local KEK, same remote key
-	flip := func(b []byte, i int) []byte { b = bytes.Clone(b); b[i] ^= 1; return b }
-	ann := s.Annotations[hierarchy.AnnotationKey]
-	cases := map[string]struct {
-		keyID string
-		ct    []byte
-		ann   map[string][]byte
-	}{
-		"ciphertext bit":       {s.KeyID, flip(s.Ciphertext, len(s.Ciphertext)-1), s.Annotations},
-		"nonce bit":            {s.KeyID, flip(s.Ciphertext, 2), s.Annotations},
-		"unknown version":      {s.KeyID, flip(s.Ciphertext, 0), s.Annotations},
-		"empty ciphertext":     {s.KeyID, nil, s.Annotations},
-		"oversized ciphertext": {s.KeyID, append(bytes.Clone(s.Ciphertext), make([]byte, 1024)...), s.Annotations},
-		"truncated ciphertext": {s.KeyID, s.Ciphertext[:10], s.Annotations},
-		"missing annotation":   {s.KeyID, s.Ciphertext, nil},
-		"annotation created":   {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: flip(ann, 5)}},
-		"annotation wrapped":   {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: flip(ann, len(ann)-1)}},
-		"annotation version":   {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: flip(ann, 0)}},
-		"swapped annotation":   {s.KeyID, s.Ciphertext, other.Annotations},
-		"key_id changed":       {s.KeyID + "x", s.Ciphertext, s.Annotations},
-		"empty key_id":         {"", s.Ciphertext, s.Annotations},
-		"empty annotation":     {s.KeyID, s.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: {}}},
-	}
-	for name, tc := range cases {
-		t.Run(name, func(t *testing.T) {
-			got, err := h.Decrypt(context.Background(), tc.keyID, tc.ct, tc.ann)
-			if err == nil {
-				t.Fatalf("Decrypt accepted it (%d bytes)", len(got))
-			}
-			if !errors.Is(err, hierarchy.ErrBadRequest) && keyservice.Classify(err) != keyservice.ClassInvalid {
-				t.Fatalf("error %v is neither a bad request nor invalid input", err)
-			}
-			if bytes.Contains([]byte(err.Error()), seed) {
-				t.Fatal("error contains the plaintext")
-			}
-		})
-	}
 	for name, p := range map[string][]byte{"empty": nil, "oversized": make([]byte, hierarchy.MaxPlaintext+1)} {
 		if _, err := h.Encrypt(context.Background(), p); !errors.Is(err, hierarchy.ErrBadRequest) {
 			t.Errorf("Encrypt %s plaintext: %v, want a bad request", name, err)
@@ -164,17 +251,17 @@ func TestRotationLimits(t *testing.T) {
 	h := f.open(t, cfg)
 	first := encrypt(t, h)
 	for range 4 {
-		if s := encrypt(t, h); !bytes.Equal(s.Annotations[hierarchy.AnnotationKey], first.Annotations[hierarchy.AnnotationKey]) {
+		if s := encrypt(t, h); !bytes.Equal(s.LocalKEK(), first.LocalKEK()) {
 			t.Fatal("new local KEK before MaxUses")
 		}
 	}
 	afterUses := encrypt(t, h)
-	if bytes.Equal(afterUses.Annotations[hierarchy.AnnotationKey], first.Annotations[hierarchy.AnnotationKey]) {
+	if bytes.Equal(afterUses.LocalKEK(), first.LocalKEK()) {
 		t.Fatal("no new local KEK after MaxUses")
 	}
 	f.clock.Add(25 * time.Hour)
 	afterAge := encrypt(t, h)
-	if bytes.Equal(afterAge.Annotations[hierarchy.AnnotationKey], afterUses.Annotations[hierarchy.AnnotationKey]) {
+	if bytes.Equal(afterAge.LocalKEK(), afterUses.LocalKEK()) {
 		t.Fatal("no new local KEK after MaxAge")
 	}
 	for _, s := range []hierarchy.Sealed{first, afterUses, afterAge} {
@@ -327,7 +414,7 @@ func TestStateRestoresLocalKEK(t *testing.T) {
 		t.Fatalf("restart made %d wraps and %d unwraps, want 1 and 1", f.svc.Calls("wrap"), f.svc.Calls("unwrap"))
 	}
 	s2 := encrypt(t, h2)
-	if !bytes.Equal(s.Annotations[hierarchy.AnnotationKey], s2.Annotations[hierarchy.AnnotationKey]) {
+	if !bytes.Equal(s.LocalKEK(), s2.LocalKEK()) {
 		t.Fatal("restored hierarchy uses another local KEK")
 	}
 	decrypt(t, h2, s)
@@ -344,7 +431,7 @@ func TestStateRestoresLocalKEK(t *testing.T) {
 		t.Fatal(err)
 	}
 	h3 := f.open(t, cfg)
-	if s3 := encrypt(t, h3); bytes.Equal(s3.Annotations[hierarchy.AnnotationKey], s.Annotations[hierarchy.AnnotationKey]) {
+	if s3 := encrypt(t, h3); bytes.Equal(s3.LocalKEK(), s.LocalKEK()) {
 		t.Fatal("a tampered state file was trusted")
 	}
 	// After a remote rotation the saved KEK is not reused for new seals.
@@ -473,8 +560,14 @@ func TestStateUseReservationSurvivesRestart(t *testing.T) {
 	h1.Close()
 	h2 := f.open(t, cfg)
 	s := encrypt(t, h2)
-	if bytes.Equal(s.Annotations[hierarchy.AnnotationKey], first.Annotations[hierarchy.AnnotationKey]) {
+	if bytes.Equal(s.LocalKEK(), first.LocalKEK()) {
 		t.Fatal("a restart restored a local KEK that had used 70,000 of 100,000 seals as if it had used 65,536 or fewer")
 	}
 	decrypt(t, h2, first)
+}
+
+// inline builds a format-3 ciphertext from an encoded local KEK and a seal.
+func inline(kek, seal []byte) []byte {
+	out := append([]byte{3, byte(len(kek) >> 8), byte(len(kek))}, kek...)
+	return append(out, seal...)
 }

@@ -71,7 +71,7 @@ func (h *Hierarchy) restore(ctx context.Context, keyID string) bool {
 		h.log.Info("saved local KEK is for an older remote key; making a new one", "saved_key_id", s.KeyID, "key_id", keyID)
 		return false
 	}
-	parsed, err := decodeAnnotation(s.Annotation)
+	parsed, err := decodeAnnotation(s.Annotation, "the saved local KEK")
 	if err != nil {
 		h.log.Warn("local KEK state holds a malformed annotation; making a new local KEK", "error", err)
 		return false

@@ -143,7 +143,11 @@ func TestStatus(t *testing.T) {
 func TestBadRequests(t *testing.T) {
 	e := newEnv(t)
 	good := e.encrypt(t)
-	ann := good.Annotations[hierarchy.AnnotationKey]
+	kek := hierarchy.Sealed{Ciphertext: good.Ciphertext, Annotations: good.Annotations}.LocalKEK()
+	if len(kek) == 0 || good.Ciphertext[0] != 3 {
+		t.Fatalf("default seal: format %d, %d-byte local KEK", good.Ciphertext[0], len(kek))
+	}
+	seal := good.Ciphertext[3+len(kek):]
 	flip := func(b []byte, i int) []byte { b = bytes.Clone(b); b[i] ^= 1; return b }
 	withAnn := func(k string, v []byte) map[string][]byte { return map[string][]byte{k: v} }
 	type dec = kmsapi.DecryptRequest
@@ -157,14 +161,16 @@ func TestBadRequests(t *testing.T) {
 		{"encrypt oversized plaintext", encCall(e, make([]byte, hierarchy.MaxPlaintext+1)), codes.InvalidArgument, "plaintext is"},
 		{"decrypt empty ciphertext", decCall(e, &dec{KeyId: good.KeyId, Annotations: good.Annotations}), codes.InvalidArgument, "ciphertext is empty"},
 		{"decrypt oversized ciphertext", decCall(e, &dec{Ciphertext: make([]byte, 1025), KeyId: good.KeyId, Annotations: good.Annotations}), codes.InvalidArgument, "more than the 1024"},
-		{"decrypt unknown format", decCall(e, &dec{Ciphertext: flip(good.Ciphertext, 0), KeyId: good.KeyId, Annotations: good.Annotations}), codes.InvalidArgument, "unknown format version"},
-		{"decrypt tampered ciphertext", decCall(e, &dec{Ciphertext: flip(good.Ciphertext, 20), KeyId: good.KeyId, Annotations: good.Annotations}), codes.InvalidArgument, "failed authentication"},
+		{"decrypt unknown format", decCall(e, &dec{Ciphertext: append([]byte{9}, good.Ciphertext[1:]...), KeyId: good.KeyId, Annotations: good.Annotations}), codes.InvalidArgument, "unknown format version"},
+		{"decrypt tampered ciphertext", decCall(e, &dec{Ciphertext: flip(good.Ciphertext, len(good.Ciphertext)-1), KeyId: good.KeyId, Annotations: good.Annotations}), codes.InvalidArgument, "failed authentication"},
 		{"decrypt empty key_id", decCall(e, &dec{Ciphertext: good.Ciphertext, Annotations: good.Annotations}), codes.InvalidArgument, "key_id"},
 		{"decrypt oversized key_id", decCall(e, &dec{Ciphertext: good.Ciphertext, KeyId: strings.Repeat("k", 1025), Annotations: good.Annotations}), codes.InvalidArgument, "key_id"},
 		{"decrypt key_id mismatch", decCall(e, &dec{Ciphertext: good.Ciphertext, KeyId: good.KeyId + "0", Annotations: good.Annotations}), codes.InvalidArgument, ""},
-		{"decrypt missing annotation", decCall(e, &dec{Ciphertext: good.Ciphertext, KeyId: good.KeyId}), codes.InvalidArgument, "local-kek.kubekms.io is missing"},
-		{"decrypt tampered annotation", decCall(e, &dec{Ciphertext: good.Ciphertext, KeyId: good.KeyId, Annotations: withAnn(hierarchy.AnnotationKey, flip(ann, len(ann)-1))}), codes.InvalidArgument, ""},
-		{"decrypt annotation created time", decCall(e, &dec{Ciphertext: good.Ciphertext, KeyId: good.KeyId, Annotations: withAnn(hierarchy.AnnotationKey, flip(ann, 4))}), codes.InvalidArgument, "failed authentication"},
+		{"decrypt format 2 without its annotation", decCall(e, &dec{Ciphertext: append([]byte{2}, seal...), KeyId: good.KeyId}), codes.InvalidArgument, "local-kek.kubekms.io is missing"},
+		{"decrypt format 3 with an annotation", decCall(e, &dec{Ciphertext: good.Ciphertext, KeyId: good.KeyId, Annotations: withAnn(hierarchy.AnnotationKey, kek)}), codes.InvalidArgument, "carries its local KEK itself"},
+		{"decrypt local KEK cut short", decCall(e, &dec{Ciphertext: good.Ciphertext[:3+len(kek)+20], KeyId: good.KeyId}), codes.InvalidArgument, "too short"},
+		{"decrypt tampered local KEK", decCall(e, &dec{Ciphertext: flip(good.Ciphertext, 3+len(kek)-1), KeyId: good.KeyId}), codes.InvalidArgument, ""},
+		{"decrypt local KEK created time", decCall(e, &dec{Ciphertext: flip(good.Ciphertext, 3+4), KeyId: good.KeyId}), codes.InvalidArgument, "failed authentication"},
 		{"decrypt non-DNS annotation key", decCall(e, &dec{Ciphertext: good.Ciphertext, KeyId: good.KeyId, Annotations: withAnn("Not_A_Domain", []byte("x"))}), codes.InvalidArgument, "fully qualified domain name"},
 		{"decrypt oversized annotations", decCall(e, &dec{Ciphertext: good.Ciphertext, KeyId: good.KeyId, Annotations: withAnn("big.example.com", make([]byte, 33000))}), codes.InvalidArgument, "annotations are"},
 		{"decrypt request over the size limit", decCall(e, &dec{Ciphertext: good.Ciphertext, KeyId: good.KeyId, Annotations: withAnn("big.example.com", make([]byte, plugin.MaxRequestBytes))}), codes.ResourceExhausted, ""},

@@ -15,7 +15,9 @@ import (
 // hierarchy, so a cluster can move from KMS v1 to v2 with one plugin. v1 has
 // no key_id or annotations on the wire, so its ciphertext carries them:
 //
-//	0x02 || uvarint(len key_id) || key_id || uvarint(len annotation) || annotation || v2 seal
+//	0x02 || uvarint(len key_id) || key_id || uvarint(len annotation) || annotation || seal
+//
+// The annotation is empty for a format-3 seal, which holds its local KEK.
 type V1 struct {
 	kmsv1.UnimplementedKeyManagementServiceServer
 	h        *hierarchy.Hierarchy
@@ -63,7 +65,11 @@ func (s *V1) Decrypt(ctx context.Context, req *kmsv1.DecryptRequest) (*kmsv1.Dec
 		return nil, c.end(err)
 	}
 	c.keyID = keyID
-	plain, err := s.h.Decrypt(ctx, keyID, sealed, map[string][]byte{hierarchy.AnnotationKey: ann})
+	var anns map[string][]byte
+	if len(ann) > 0 {
+		anns = map[string][]byte{hierarchy.AnnotationKey: ann}
+	}
+	plain, err := s.h.Decrypt(ctx, keyID, sealed, anns)
 	if err != nil {
 		return nil, c.end(err)
 	}

@@ -77,6 +77,9 @@ serve refuses to start without it (restore it, or pass --new-keyring to start a 
 		"how often the key service is probed (a cheap key read, never an encrypt); kube-apiserver asks for Status about every 20 s")
 	durationVar(fl, &f.hier.OutageGrace, "outage-grace", time.Hour, "how long to serve from cache while the key service is unreachable")
 	durationVar(fl, &f.hier.RevocationBound, "revocation-bound", time.Minute, "longest time to drop local KEKs after the key is revoked")
+	intVar(fl, &f.hier.SealFormat, "seal-format", hierarchy.SealFormatInline, hierarchy.SealFormatAnnotation, hierarchy.SealFormatInline,
+		"ciphertext format written: 3 carries the wrapped local KEK inside the ciphertext (no annotation: cheaper for the apiserver), "+
+			"2 in an annotation, readable by kubekms before format 3 (use it while a rolling upgrade still runs older plugins); both are always read")
 	intVar(fl, &f.hier.MaxConcurrentRemote, "max-concurrent-remote", 16, 1, 4096, "concurrent remote key-service calls")
 	fl.BoolVar(&f.newKeyring, "new-keyring", false, "softkey: start a NEW keyring although the state file names one that is missing "+
 		"(data under the old keyring becomes unreadable; restore the old keyring instead if you can)")

@@ -165,8 +165,8 @@ func storedByKey(values []cluster.Stored) map[string]cluster.Stored {
 // straight from etcd while it starts. Far below one Decrypt per object.
 const maxDecryptsPerSeed = 2*(10+1) + 10
 
-// seedStats counts the distinct DEK seeds and the distinct annotation sets
-// (the plugin's wrapped local KEKs) among kms v2 values.
+// seedStats counts the distinct DEK seeds and the distinct wrapped local KEKs
+// of kubekms among kms v2 values.
 func seedStats(values []cluster.Stored) (seeds, localKEKs int) {
 	s, l := map[string]bool{}, map[string]bool{}
 	for _, v := range values {
@@ -174,7 +174,7 @@ func seedStats(values []cluster.Stored) (seeds, localKEKs int) {
 			continue
 		}
 		s[v.SeedID()] = true
-		l[v.AnnotationsID()] = true
+		l[v.LocalKEKID()] = true
 	}
 	return len(s), len(l)
 }

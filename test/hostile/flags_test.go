@@ -33,6 +33,7 @@ func TestBadFlags(t *testing.T) {
 		{serve("--probe-interval=soon"), `"--probe-interval" flag: want a duration like 30s`},
 		{serve("--max-concurrent-remote=-1"), `"--max-concurrent-remote" flag: want a whole number from 1 to 4096`},
 		{serve("--max-concurrent-remote=0"), `want a whole number from 1 to 4096`},
+		{serve("--seal-format=1"), `"--seal-format" flag: want a whole number from 2 to 3`},
 		{serve("--cache-size=-1"), `"--cache-size" flag: want a whole number from 1`},
 		{serve("--max-uses=0"), `"--max-uses" flag: want a whole number from 1 to 1073741824`},
 		{serve("--max-uses=-1"), `"--max-uses" flag`},

@@ -45,14 +45,32 @@ func decryptCode(t *testing.T, s *server, keyID string, ciphertext []byte, annot
 }
 
 // A key_id and annotation with a NUL moved from one to the other (issue 10
-// item 6) are refused, for new seals (format 2, length-prefixed associated
-// data) and for seals written before it (format 1, which a release before
-// format 2 accepted once the genuine pair was cached); the genuine pairs
-// still decrypt.
+// item 6) are refused, for format-2 seals (length-prefixed associated data,
+// written with --seal-format=2) and for seals written before it (format 1,
+// which a release before format 2 accepted once the genuine pair was
+// cached); the genuine pairs still decrypt. The default, format 3, has no
+// annotation: its local KEK moved out into one is refused.
 func TestAmbiguousSealRefused(t *testing.T) {
-	t.Run("format 2", func(t *testing.T) {
+	t.Run("format 3", func(t *testing.T) {
 		dir := shortDir(t)
 		s := startServe(t, append(serveArgs(dir, softkeyURI(dir)), "--no-state"), nil, nil)
+		var l ledger
+		l.encrypt(s, 1)
+		good := l.answers[0].resp
+		kek := hierarchy.Sealed{Ciphertext: good.Ciphertext, Annotations: good.Annotations}.LocalKEK()
+		if good.Ciphertext[0] != 3 || len(good.Annotations) != 0 || len(kek) == 0 {
+			t.Fatalf("Encrypt wrote a format-%d seal with %d annotations, want 3 and none", good.Ciphertext[0], len(good.Annotations))
+		}
+		moved := append([]byte{2}, good.Ciphertext[3+len(kek):]...)
+		if code, msg, _ := decryptCode(t, s, good.KeyId, moved, map[string][]byte{hierarchy.AnnotationKey: kek}); code != codes.InvalidArgument {
+			t.Fatalf("local KEK moved into an annotation: %v %q, want InvalidArgument", code, msg)
+		}
+		s.kill(syscall.SIGTERM)
+		l.verify(t, freshServe(t, softkeyURI(dir), nil, nil))
+	})
+	t.Run("format 2", func(t *testing.T) {
+		dir := shortDir(t)
+		s := startServe(t, append(serveArgs(dir, softkeyURI(dir)), "--no-state", "--seal-format=2"), nil, nil)
 		var l ledger
 		l.encrypt(s, 1)
 		good := l.answers[0].resp
@@ -116,7 +134,8 @@ func (s *server) metric(name string, want map[string]string) float64 {
 }
 
 // Decrypts that end refused cost nothing (issue 10 item 7), on every
-// backend: a forged creation time in the annotation of a cached local KEK
+// backend: a forged creation time in the local KEK (inside the ciphertext)
+// of a cached local KEK
 // makes no remote unwrap, and a refused request for a local KEK that is not
 // cached costs its unwrap but never enters the cache, so it cannot evict a
 // good entry (--cache-size 1 here).
@@ -135,21 +154,30 @@ func TestRefusedDecryptsCostNoUnwrap(t *testing.T) {
 			s := freshServe(t, d.keyURI, d.env, nil, append(d.flags, "--cache-size", "1")...)
 			l.encrypt(s, 1)
 			y := l.answers[1].resp // sealed with s's current local KEK, cached
-			forge := func(r *kmsapi.EncryptResponse) map[string][]byte {
-				ann := bytes.Clone(r.Annotations[hierarchy.AnnotationKey])
-				ann[8] ^= 1 // the creation time's last byte
-				return map[string][]byte{hierarchy.AnnotationKey: ann}
+			// forge flips the creation time's last byte of the local KEK,
+			// in the annotation of a format-2 seal or inside a format-3 one.
+			forge := func(r *kmsapi.EncryptResponse) ([]byte, map[string][]byte) {
+				if ann, ok := r.Annotations[hierarchy.AnnotationKey]; ok {
+					ann = bytes.Clone(ann)
+					ann[8] ^= 1
+					return r.Ciphertext, map[string][]byte{hierarchy.AnnotationKey: ann}
+				}
+				ct := bytes.Clone(r.Ciphertext)
+				ct[3+8] ^= 1
+				return ct, nil
 			}
+			yct, yann := forge(y)
+			xct, xann := forge(x)
 			before := s.unwraps()
 			for range 10 {
-				if code, msg, _ := decryptCode(t, s, y.KeyId, y.Ciphertext, forge(y)); code != codes.InvalidArgument {
+				if code, msg, _ := decryptCode(t, s, y.KeyId, yct, yann); code != codes.InvalidArgument {
 					t.Fatalf("forged creation time: %v %q, want InvalidArgument", code, msg)
 				}
 			}
 			if n := s.unwraps() - before; n != 0 {
 				t.Errorf("10 forged Decrypts for a cached local KEK made %v remote unwraps, want 0", n)
 			}
-			if code, msg, _ := decryptCode(t, s, x.KeyId, x.Ciphertext, forge(x)); code != codes.InvalidArgument {
+			if code, msg, _ := decryptCode(t, s, x.KeyId, xct, xann); code != codes.InvalidArgument {
 				t.Fatalf("forged creation time of an uncached local KEK: %v %q, want InvalidArgument", code, msg)
 			}
 			before = s.unwraps()

@@ -23,6 +23,7 @@ import (
 	"k8s.io/apiserver/pkg/storage/value"
 	kmstypes "k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2/v2"
 
+	"github.com/kubekms/kubekms/hierarchy"
 	"github.com/kubekms/kubekms/internal/testutil"
 )
 
@@ -219,8 +220,11 @@ func storedKeyID(t *testing.T, stored []byte) string {
 	if err := proto.Unmarshal(stored[len(prefix):], &obj); err != nil {
 		t.Fatalf("stored EncryptedObject: %v", err)
 	}
-	if _, ok := obj.Annotations["local-kek.kubekms.io"]; !ok {
-		t.Fatal("stored value has no local-kek.kubekms.io annotation")
+	// Format 3 (the default): the wrapped local KEK inside the encrypted
+	// seed, no annotation for the apiserver to check on every read.
+	sealed := hierarchy.Sealed{Ciphertext: obj.EncryptedDEKSource, Annotations: obj.Annotations}
+	if len(obj.Annotations) != 0 || obj.EncryptedDEKSource[0] != 3 || len(sealed.LocalKEK()) == 0 {
+		t.Fatalf("stored value: format %d, %d annotations; want format 3 with the local KEK inside", obj.EncryptedDEKSource[0], len(obj.Annotations))
 	}
 	return obj.KeyID
 }

@@ -10,6 +10,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
 	kmsv2api "k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2/v2"
+
+	"github.com/kubekms/kubekms/hierarchy"
 )
 
 // Stored is one raw etcd value as kube-apiserver wrote it.
@@ -32,8 +34,17 @@ func (s Stored) SeedID() string {
 	return string(s.Object.GetEncryptedDEKSource()) + "\x00" + s.Object.GetKeyID() + "\x00" + s.AnnotationsID()
 }
 
-// AnnotationsID is a canonical form of the value's annotations (where the
-// plugin carries its wrapped local KEK).
+// LocalKEKID identifies kubekms's wrapped local KEK that sealed the value's
+// seed (inside the encrypted seed, or in the annotation of format 2); "" for
+// a value kubekms did not seal.
+func (s Stored) LocalKEKID() string {
+	if s.Object == nil {
+		return ""
+	}
+	return string(hierarchy.Sealed{Ciphertext: s.Object.GetEncryptedDEKSource(), Annotations: s.Object.GetAnnotations()}.LocalKEK())
+}
+
+// AnnotationsID is a canonical form of the value's annotations.
 func (s Stored) AnnotationsID() string {
 	ann := s.Object.GetAnnotations()
 	keys := make([]string, 0, len(ann))
