@@ -109,7 +109,9 @@ func malformed(t *testing.T, endpoint string) {
 	for name, req := range map[string]*kmsservice.DecryptRequest{
 		"empty ciphertext":    {KeyID: enc.KeyID, Annotations: enc.Annotations},
 		"tampered ciphertext": {Ciphertext: tampered, KeyID: enc.KeyID, Annotations: enc.Annotations},
-		"no annotations":      {Ciphertext: enc.Ciphertext, KeyID: enc.KeyID},
+		// kubekms's answer with its local KEK cut off: inside the ciphertext
+		// (format 3) or in the annotation (format 2).
+		"its local KEK cut off": cutLocalKEK(enc),
 	} {
 		_, err := c.Decrypt(ctx, "conformance-uid", req)
 		if code := status.Code(err); code != codes.InvalidArgument {
@@ -160,4 +162,14 @@ func concurrent(t *testing.T, endpoint string) {
 	for err := range errs {
 		t.Error(err)
 	}
+}
+
+// cutLocalKEK returns enc's Decrypt request without kubekms's wrapped local
+// KEK: the annotations dropped for format 2, the ciphertext cut after its
+// header for format 3.
+func cutLocalKEK(enc *kmsservice.EncryptResponse) *kmsservice.DecryptRequest {
+	if len(enc.Annotations) > 0 || len(enc.Ciphertext) < 3 {
+		return &kmsservice.DecryptRequest{Ciphertext: enc.Ciphertext, KeyID: enc.KeyID}
+	}
+	return &kmsservice.DecryptRequest{Ciphertext: enc.Ciphertext[:3], KeyID: enc.KeyID}
 }

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	kmsapi "k8s.io/kms/apis/v2"
 
+	"github.com/kubekms/kubekms/hierarchy"
 	"github.com/kubekms/kubekms/internal/testservers/localkms"
 	"github.com/kubekms/kubekms/internal/testservers/softhsm"
 	"github.com/kubekms/kubekms/internal/testservers/vaultserver"
@@ -68,14 +69,10 @@ func TestHostileRequests(t *testing.T) {
 				t.Fatalf("Encrypt failed: %v", failed)
 			}
 			good := l.answers[0].resp
-			ann := func(mut func([]byte)) map[string][]byte {
-				out := map[string][]byte{}
-				for k, v := range good.Annotations {
-					v = bytes.Clone(v)
-					mut(v)
-					out[k] = v
-				}
-				return out
+			// Format 3 (the default): the local KEK inside the ciphertext.
+			kek := hierarchy.Sealed{Ciphertext: good.Ciphertext, Annotations: good.Annotations}.LocalKEK()
+			if len(kek) == 0 || len(good.Annotations) != 0 {
+				t.Fatalf("Encrypt answer is not seal format 3: %d-byte local KEK, %d annotations", len(kek), len(good.Annotations))
 			}
 			flip := func(b []byte, i int) []byte { b = bytes.Clone(b); b[(i+len(b))%len(b)] ^= 1; return b }
 			raw := func(method string, body []byte) func() error {
@@ -108,11 +105,14 @@ func TestHostileRequests(t *testing.T) {
 					codes.InvalidArgument, "failed authentication"},
 				{"Decrypt: forged key_id", decrypt(&kmsapi.DecryptRequest{Ciphertext: good.Ciphertext, KeyId: good.KeyId + "x", Annotations: good.Annotations}),
 					codes.InvalidArgument, ""},
-				{"Decrypt: forged wrapped local KEK", decrypt(&kmsapi.DecryptRequest{Ciphertext: good.Ciphertext, KeyId: good.KeyId,
-					Annotations: ann(func(v []byte) { v[len(v)-1] ^= 1 })}), codes.InvalidArgument, ""},
-				{"Decrypt: forged creation time", decrypt(&kmsapi.DecryptRequest{Ciphertext: good.Ciphertext, KeyId: good.KeyId,
-					Annotations: ann(func(v []byte) { v[4] ^= 1 })}), codes.InvalidArgument, "failed authentication"},
-				{"Decrypt: annotation missing", decrypt(&kmsapi.DecryptRequest{Ciphertext: good.Ciphertext, KeyId: good.KeyId}), codes.InvalidArgument, "is missing"},
+				{"Decrypt: forged wrapped local KEK", decrypt(&kmsapi.DecryptRequest{Ciphertext: flip(good.Ciphertext, 3+len(kek)-1), KeyId: good.KeyId}),
+					codes.InvalidArgument, ""},
+				{"Decrypt: forged creation time", decrypt(&kmsapi.DecryptRequest{Ciphertext: flip(good.Ciphertext, 3+4), KeyId: good.KeyId}),
+					codes.InvalidArgument, "failed authentication"},
+				{"Decrypt: local KEK also in an annotation", decrypt(&kmsapi.DecryptRequest{Ciphertext: good.Ciphertext, KeyId: good.KeyId,
+					Annotations: map[string][]byte{hierarchy.AnnotationKey: kek}}), codes.InvalidArgument, "carries its local KEK itself"},
+				{"Decrypt: format 2 without its annotation", decrypt(&kmsapi.DecryptRequest{Ciphertext: append([]byte{2}, good.Ciphertext[3+len(kek):]...), KeyId: good.KeyId}),
+					codes.InvalidArgument, "is missing"},
 				{"Decrypt: over 64 KiB", decrypt(&kmsapi.DecryptRequest{Ciphertext: good.Ciphertext, KeyId: good.KeyId,
 					Annotations: map[string][]byte{"big.example.com": make([]byte, 70000)}}), codes.ResourceExhausted, ""},
 			}
