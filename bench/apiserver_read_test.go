@@ -106,7 +106,7 @@ func BenchmarkApiserverRead(b *testing.B) {
 	prefixed := func(prefix string, t value.Transformer) value.Transformer {
 		return value.NewPrefixTransformers(nil, value.PrefixTransformer{Prefix: []byte(prefix), Transformer: t})
 	}
-	kmsState := func(b *testing.B, svc kmsservice.Service) kmsv2.StateFunc {
+	kmsState := func(b *testing.B, svc echoService) kmsv2.StateFunc {
 		t, o, cacheKey, err := kmsv2.GenerateTransformer(ctx, "bench", svc, true)
 		if err != nil {
 			b.Fatal(err)
@@ -120,12 +120,21 @@ func BenchmarkApiserverRead(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	// kms is a KMS v2 provider over the echo plugin that shape makes.
+	kms := func(shape func(*testing.B) echoService) func(*testing.B) func() value.Transformer {
+		return func(b *testing.B) func() value.Transformer {
+			svc := shape(b)
+			st := kmsState(b, svc)
+			return func() value.Transformer {
+				return prefixed("k8s:enc:kms:v2:kubekms:", kmsv2.NewEnvelopeTransformer(svc, "kubekms", st, "bench"))
+			}
+		}
+	}
 	// start returns a "new apiserver process": a transformer with empty caches.
-	type provider struct {
+	providers := []struct {
 		name  string
 		start func(b *testing.B) func() value.Transformer
-	}
-	providers := []provider{
+	}{
 		{"identity", func(*testing.B) func() value.Transformer {
 			return func() value.Transformer { return prefixed("", identity.NewEncryptCheckTransformer()) }
 		}},
@@ -137,24 +146,9 @@ func BenchmarkApiserverRead(b *testing.B) {
 		{"aesgcm", func(*testing.B) func() value.Transformer {
 			return func() value.Transformer { return prefixed("k8s:enc:aesgcm:v1:k1:", gcm) }
 		}},
-		{"kms-v2", func(b *testing.B) func() value.Transformer {
-			st := kmsState(b, echoService{})
-			return func() value.Transformer {
-				return prefixed("k8s:enc:kms:v2:kubekms:", kmsv2.NewEnvelopeTransformer(echoService{}, "kubekms", st, "bench"))
-			}
-		}},
-	}
-	for _, f := range []struct {
-		name   string
-		format int
-	}{{"kms-v2-kubekms", hierarchy.SealFormatInline}, {"kms-v2-kubekms-format2", hierarchy.SealFormatAnnotation}} {
-		providers = append(providers, provider{f.name, func(b *testing.B) func() value.Transformer {
-			svc := kubekmsShape(b, f.format)
-			st := kmsState(b, svc)
-			return func() value.Transformer {
-				return prefixed("k8s:enc:kms:v2:kubekms:", kmsv2.NewEnvelopeTransformer(svc, "kubekms", st, "bench"))
-			}
-		}})
+		{"kms-v2", kms(func(*testing.B) echoService { return echoService{} })},
+		{"kms-v2-kubekms", kms(func(b *testing.B) echoService { return kubekmsShape(b, hierarchy.SealFormatInline) })},
+		{"kms-v2-kubekms-format2", kms(func(b *testing.B) echoService { return kubekmsShape(b, hierarchy.SealFormatAnnotation) })},
 	}
 	for _, p := range providers {
 		b.Run(p.name, func(b *testing.B) {

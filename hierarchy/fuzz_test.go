@@ -16,24 +16,9 @@ func FuzzDecrypt(f *testing.F) {
 	fx := newFixture(f)
 	cfg := fx.config()
 	cfg.SealFormat = hierarchy.SealFormatAnnotation
-	h, err := hierarchy.New(context.Background(), fx.svc, cfg)
-	if err != nil {
-		f.Fatal(err)
-	}
-	f.Cleanup(h.Close)
-	s2, err := h.Encrypt(context.Background(), seed)
-	if err != nil {
-		f.Fatal(err)
-	}
-	h3, err := hierarchy.New(context.Background(), fx.svc, fx.config())
-	if err != nil {
-		f.Fatal(err)
-	}
-	f.Cleanup(h3.Close)
-	s3, err := h3.Encrypt(context.Background(), seed)
-	if err != nil {
-		f.Fatal(err)
-	}
+	h := fx.open(f, cfg)
+	s2 := encrypt(f, h)
+	s3 := encrypt(f, fx.open(f, fx.config()))
 	ann, kek := s2.Annotations[hierarchy.AnnotationKey], s3.LocalKEK()
 	f.Add(s2.KeyID, s2.Ciphertext, ann, true)
 	f.Add(s2.KeyID, s2.Ciphertext[:20], ann, true)

@@ -52,7 +52,7 @@ func (f *fixture) config() hierarchy.Config {
 	return hierarchy.Config{Now: f.clock.Now, ProbeInterval: time.Hour, RevocationBound: time.Hour, OutageGrace: 2 * time.Hour}
 }
 
-func (f *fixture) open(t *testing.T, cfg hierarchy.Config) *hierarchy.Hierarchy {
+func (f *fixture) open(t testing.TB, cfg hierarchy.Config) *hierarchy.Hierarchy {
 	t.Helper()
 	h, err := hierarchy.New(context.Background(), f.svc, cfg)
 	if err != nil {
@@ -64,7 +64,7 @@ func (f *fixture) open(t *testing.T, cfg hierarchy.Config) *hierarchy.Hierarchy 
 
 var seed = bytes.Repeat([]byte{0x42}, 32)
 
-func encrypt(t *testing.T, h *hierarchy.Hierarchy) hierarchy.Sealed {
+func encrypt(t testing.TB, h *hierarchy.Hierarchy) hierarchy.Sealed {
 	t.Helper()
 	s, err := h.Encrypt(context.Background(), seed)
 	if err != nil {
@@ -140,6 +140,22 @@ func TestSealFormats(t *testing.T) {
 	if got, err := h2.Decrypt(context.Background(), sb.KeyID, sb.Ciphertext, sb.Annotations); err != nil || !bytes.Equal(got, big) {
 		t.Fatalf("fallback seal: %v", err)
 	}
+	// A wrapped local KEK too large for format 3 (a TPM's wrap for six or
+	// more nodes): every seal under it is format 2, and reads back.
+	hw := f.open(t, hierarchy.Config{})
+	wide, err := hierarchy.New(context.Background(), paddedWraps{f.svc, 900}, f.config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wide.Close()
+	sw := encrypt(t, wide)
+	if sw.Ciphertext[0] != 2 || len(sw.LocalKEK()) < 900 {
+		t.Fatalf("a %d-byte local KEK: format %d", len(sw.LocalKEK()), sw.Ciphertext[0])
+	}
+	decrypt(t, wide, sw)
+	if _, err := hw.Decrypt(context.Background(), sw.KeyID, sw.Ciphertext, sw.Annotations); err == nil {
+		t.Fatal("a padded wrap opened without the padding service") // the padding is really in the wrapped bytes
+	}
 	for _, bad := range []int{1, 4, -1} {
 		cfg := f.config()
 		cfg.SealFormat = bad
@@ -148,6 +164,26 @@ func TestSealFormats(t *testing.T) {
 			t.Errorf("SealFormat %d accepted", bad)
 		}
 	}
+}
+
+// paddedWraps makes the wrapped local KEKs of a key service n bytes longer,
+// as a key service with large wraps (TPM for many nodes, RSA-8192) would.
+type paddedWraps struct {
+	keyservice.Service
+	n int
+}
+
+func (p paddedWraps) Wrap(ctx context.Context, key []byte) (keyservice.WrapResult, error) {
+	r, err := p.Service.Wrap(ctx, key)
+	r.Wrapped = append(r.Wrapped, make([]byte, p.n)...)
+	return r, err
+}
+
+func (p paddedWraps) Unwrap(ctx context.Context, keyID string, wrapped []byte) ([]byte, error) {
+	if len(wrapped) < p.n {
+		return nil, keyservice.Invalid("unwrap", errors.New("wrapped local KEK shorter than its padding"))
+	}
+	return p.Service.Unwrap(ctx, keyID, wrapped[:len(wrapped)-p.n])
 }
 
 type tamperCase struct {

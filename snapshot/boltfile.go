@@ -11,6 +11,9 @@ import (
 	"os"
 	"syscall"
 	"time"
+
+	"github.com/kubekms/kubekms/internal/flock"
+	"github.com/kubekms/kubekms/internal/safefile"
 )
 
 // A reader of bbolt's file format for one job: walk one top-level bucket of
@@ -50,7 +53,6 @@ const (
 	// lockTimeout is how long opening waits for a running etcd's lock on
 	// its member file (bbolt's read-only Open takes a shared flock too).
 	lockTimeout = 2 * time.Second
-	lockRetry   = 50 * time.Millisecond
 )
 
 // meta is the part of a bbolt meta page the reader needs.
@@ -118,7 +120,7 @@ func openBoltFile(ctx context.Context, path string) (_ *boltFile, err error) {
 		return nil, fmt.Errorf("etcd snapshot: %w", err)
 	}
 	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("etcd snapshot %s is %s, not a regular file", path, describeMode(st.Mode()))
+		return nil, fmt.Errorf("etcd snapshot %s is %s, not a regular file", path, safefile.DescribeMode(st.Mode()))
 	}
 	size := st.Size()
 	if size == 0 {
@@ -137,37 +139,21 @@ func openBoltFile(ctx context.Context, path string) (_ *boltFile, err error) {
 	if need > math.MaxInt {
 		return nil, fmt.Errorf("etcd snapshot %s: %d bytes is too big to map", path, need)
 	}
-	if err := lockShared(ctx, f); err != nil {
-		return nil, fmt.Errorf("etcd snapshot %s: %w", path, err)
+	// A shared lock, as bbolt's read-only Open takes, waiting for an
+	// exclusive holder (a running etcd) for lockTimeout.
+	switch err := flock.Wait(ctx, f, syscall.LOCK_SH, lockTimeout); {
+	case errors.Is(err, flock.ErrHeld):
+		return nil, fmt.Errorf("etcd snapshot %s: is locked (is an etcd server using it?): waited %s", path, lockTimeout)
+	case err != nil && ctx.Err() != nil:
+		return nil, ctx.Err()
+	case err != nil:
+		return nil, fmt.Errorf("etcd snapshot %s: lock: %w", path, err)
 	}
 	data, err := syscall.Mmap(int(f.Fd()), 0, int(need), syscall.PROT_READ, syscall.MAP_SHARED)
 	if err != nil {
 		return nil, fmt.Errorf("map etcd snapshot %s: %w", path, err)
 	}
 	return &boltFile{ctx: ctx, f: f, data: data, m: m, seen: make([]byte, (m.pgid+7)/8)}, nil
-}
-
-// lockShared takes a shared flock on f, as bbolt's read-only Open does,
-// waiting up to lockTimeout for an exclusive holder (a running etcd).
-func lockShared(ctx context.Context, f *os.File) error {
-	deadline := time.Now().Add(lockTimeout)
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB)
-		if err == nil {
-			return nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
-			return fmt.Errorf("lock: %w", err)
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("is locked (is an etcd server using it?): waited %s", lockTimeout)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(lockRetry):
-		}
-	}
 }
 
 func (b *boltFile) Close() error {
@@ -338,19 +324,4 @@ func (b *boltFile) bucket(name []byte, fn elemFunc) (found bool, err error) {
 		return true, fmt.Errorf("inline bucket %q claims %d elements, more than fit", name, count)
 	}
 	return true, b.leaf(inline, valueOff+bucketHeaderLen, count, fn)
-}
-
-func describeMode(m os.FileMode) string {
-	switch {
-	case m.IsDir():
-		return "a folder"
-	case m&os.ModeNamedPipe != 0:
-		return "a FIFO (named pipe)"
-	case m&os.ModeSocket != 0:
-		return "a socket"
-	case m&os.ModeDevice != 0:
-		return "a device"
-	default:
-		return fmt.Sprintf("of type %v", m.Type())
-	}
 }

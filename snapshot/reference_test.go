@@ -47,21 +47,6 @@ func randomOps(t *testing.T, n, pool int, seed uint64) string {
 	return path
 }
 
-func each(t *testing.T, src snapshot.Source) []string {
-	t.Helper()
-	var got []string
-	if err := src.Each(context.Background(), func(k, v []byte) error {
-		got = append(got, fmt.Sprintf("%s=%x", k, v))
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if len(got) != src.Len() {
-		t.Fatalf("Len %d but Each yielded %d", src.Len(), len(got))
-	}
-	return got
-}
-
 // The fast reader (its own walk of the mapped file, fast KeyValue parser,
 // hash index) yields exactly what bbolt's cursor, proto.Unmarshal and a map
 // of keys yield, in the same order: on an inline key bucket, a one-leaf
@@ -76,13 +61,13 @@ func TestOpenFileMatchesReference(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				want := each(t, ref)
+				want := collect(t, ref)
 				src, err := snapshot.OpenFile(context.Background(), path, prefix)
 				if err != nil {
 					t.Fatal(err)
 				}
 				defer src.Close()
-				got := each(t, src)
+				got := collect(t, src)
 				if !slices.Equal(got, want) {
 					t.Fatalf("fast reader: %d keys, reference: %d keys; first difference at %d", len(got), len(want), firstDiff(got, want))
 				}

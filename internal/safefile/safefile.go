@@ -116,7 +116,7 @@ func (r Rules) checkFile(path string, st os.FileInfo) error {
 		return &Error{Path: path, Reason: fmt.Sprintf(format, args...)}
 	}
 	if !st.Mode().IsRegular() {
-		return refuse("%s is %s, not a regular file", r.what(), describe(st.Mode()))
+		return refuse("%s is %s, not a regular file", r.what(), DescribeMode(st.Mode()))
 	}
 	perm := st.Mode().Perm()
 	if perm&0o022 != 0 {
@@ -166,7 +166,7 @@ func (r Rules) checkDir(dir string, st os.FileInfo) error {
 		return &Error{Path: dir, Reason: fmt.Sprintf(format, args...)}
 	}
 	if !st.IsDir() {
-		return refuse("%s folder is %s, not a folder", r.what(), describe(st.Mode()))
+		return refuse("%s folder is %s, not a folder", r.what(), DescribeMode(st.Mode()))
 	}
 	perm := st.Mode().Perm()
 	sticky := st.Mode()&os.ModeSticky != 0
@@ -195,7 +195,9 @@ func owner(st os.FileInfo) (uint32, bool) {
 
 func trustedOwner(uid uint32) bool { return uid == 0 || int(uid) == os.Geteuid() }
 
-func describe(m fs.FileMode) string {
+// DescribeMode names the kind of file m is, for messages that refuse one
+// that is not a regular file: "a folder", "a FIFO (named pipe)", ...
+func DescribeMode(m fs.FileMode) string {
 	switch {
 	case m.IsDir():
 		return "a folder"

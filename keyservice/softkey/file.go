@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/kubekms/kubekms/internal/flock"
 	"github.com/kubekms/kubekms/internal/safefile"
 )
 
@@ -67,23 +68,13 @@ func locked(ctx context.Context, path string, fn func() error) error {
 		return fmt.Errorf("open keyring lock: %w", err)
 	}
 	defer lock.Close() // closing releases the lock
-	deadline := time.Now().Add(lockWait)
-	for {
-		err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			break
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
-			return fmt.Errorf("lock keyring: %w", err)
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("lock keyring: %s has been held by another process for %s (a stopped `kubekms softkey` command?)", lock.Name(), lockWait)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("waiting for the keyring lock %s: %w", lock.Name(), ctx.Err())
-		case <-time.After(20 * time.Millisecond):
-		}
+	switch err := flock.Wait(ctx, lock, syscall.LOCK_EX, lockWait); {
+	case errors.Is(err, flock.ErrHeld):
+		return fmt.Errorf("lock keyring: %s has been held by another process for %s (a stopped `kubekms softkey` command?)", lock.Name(), lockWait)
+	case err != nil && ctx.Err() != nil:
+		return fmt.Errorf("waiting for the keyring lock %s: %w", lock.Name(), ctx.Err())
+	case err != nil:
+		return fmt.Errorf("lock keyring: %w", err)
 	}
 	return fn()
 }
